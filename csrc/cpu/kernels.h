@@ -1,0 +1,76 @@
+// Table of the CPU inner loops, one table per instruction set.
+//
+// The loops themselves (kernels_impl.inc) use no torch header, so they can be compiled several
+// times, once per ISA (default x86-64 / AVX2+FMA / AVX-512), each copy in its own namespace.
+// dispatch.cpp picks the best table the running CPU supports: no SIGILL on older CPUs, full
+// vector width on newer ones.
+#pragma once
+#include <cstdint>
+
+namespace fastbn {
+namespace cpu {
+
+// Bit-compatible with c10::BFloat16 (one uint16).
+struct bf16 {
+  uint16_t bits;
+};
+
+template <typename T>
+struct Acc {
+  using type = float;
+};
+template <>
+struct Acc<double> {
+  using type = double;
+};
+template <typename T>
+using acc_t = typename Acc<T>::type;
+
+// All pointers are dense; `rows x C` blocks are row-major (channels innermost).
+template <typename T>
+struct Kernels {
+  using A = acc_t<T>;
+  // --- BatchNorm, one plane (n, c): `n` contiguous values of one channel --------------------
+  // mean and sum of squared deviations (two passes over an L1-resident block)
+  void (*plane_stats)(const T* x, int64_t n, double* mean, double* m2);
+  // y = (x - mean) * scale + shift
+  void (*plane_normalize)(const T* x, T* y, int64_t n, A mean, A scale, A shift);
+  // sum(dy), sum(dy * (x - mean))
+  void (*plane_grad_sums)(const T* dy, const T* x, int64_t n, A mean, double* sdy, double* sdyxmu);
+  // dx = dy * a - (x - mean) * b - c   (eval: b = c = 0)
+  void (*plane_grad_input)(const T* dy, const T* x, T* dx, int64_t n, A mean, A a, A b, A c);
+
+  // --- BatchNorm, channels innermost: a block of `rows` rows of C channels -----------------
+  // per-channel mean/m2 of the block; scratch holds 2*C values
+  void (*rows_stats)(const T* x, int64_t rows, int64_t C, double* mean, double* m2, A* scratch);
+  void (*rows_normalize)(const T* x, T* y, int64_t rows, int64_t C, const A* mean,
+                         const A* scale, const A* shift);
+  // per-channel sums of the block, written (not accumulated) to sdy/sdyxmu
+  void (*rows_grad_sums)(const T* dy, const T* x, int64_t rows, int64_t C, const A* mean,
+                         A* sdy, A* sdyxmu);
+  void (*rows_grad_input)(const T* dy, const T* x, T* dx, int64_t rows, int64_t C,
+                          const A* mean, const A* a, const A* b, const A* c);
+
+  // --- Linear + LeakyReLU epilogues on a (rows, N) block ------------------------------------
+  // z <- leaky_relu(z + bias), in place; bias may be null
+  void (*bias_leaky_relu)(T* z, int64_t rows, int64_t N, const T* bias, A slope);
+  // gz = g * (saved > 0 ? 1 : slope); gbias[j] = sum_rows gz (written, if gbias non-null)
+  void (*leaky_relu_grad)(const T* g, const T* saved, T* gz, int64_t rows, int64_t N, A slope,
+                          A* gbias);
+};
+
+struct KernelTable {
+  const char* isa;
+  Kernels<float> f32;
+  Kernels<double> f64;
+  Kernels<bf16> bfloat16;
+};
+
+// The table for the best ISA this CPU supports (chosen once).
+const KernelTable& kernels();
+
+template <typename T>
+const Kernels<T>& kernels_for();
+
+}  // namespace cpu
+}  // namespace fastbn

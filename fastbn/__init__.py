@@ -1,0 +1,54 @@
+"""fastbn: BatchNorm and fused Linear+LeakyReLU as C++/CUDA PyTorch ops.
+
+    import fastbn
+    bn = fastbn.nn.BatchNorm2d(64)                 # drop-in for torch.nn.BatchNorm2d
+    model = fastbn.convert(torchvision_model)      # swap every torch BatchNorm for ours
+    fastbn.build_info()                            # what this build contains
+"""
+import torch
+
+__version__ = "0.1.0"
+
+
+def _load_library():
+    try:
+        from fastbn._built_against import TORCH_VERSION as built_against
+    except ImportError:
+        built_against = None
+    if built_against is not None and built_against.split("+")[0] != torch.__version__.split("+")[0]:
+        raise ImportError(
+            f"fastbn was built against torch {built_against} but torch {torch.__version__} is "
+            "installed; its compiled kernels cannot be loaded. Rebuild it under this torch: "
+            "pip install --no-build-isolation -e ."
+        )
+    try:
+        from fastbn import _C
+    except ImportError as e:
+        raise ImportError(
+            f"fastbn's compiled library could not be loaded ({e}). Build it first: "
+            "pip install --no-build-isolation -e .  (see README.md)"
+        ) from e
+    return _C
+
+
+_C = _load_library()
+
+from fastbn import ops  # noqa: E402  (registers fake kernels: needs the schemas loaded above)
+from fastbn import functional, nn  # noqa: E402
+from fastbn.nn import convert  # noqa: E402
+
+
+def build_info() -> dict:
+    """What this build of fastbn contains, as reported by the compiled library itself."""
+    return {
+        "version": _C.version,
+        "torch_built_against": _C.torch_version,
+        "torch_running": torch.__version__,
+        "cpu_isa": _C.cpu_isa(),
+        "cpu_threads": _C.num_threads(),
+        "cuda_kernels": bool(_C.with_cuda),
+        "cuda_archs": [a for a in _C.cuda_archs.replace(" ", ";").split(";") if a],
+    }
+
+
+__all__ = ["functional", "nn", "ops", "convert", "build_info", "__version__"]

@@ -1,0 +1,35 @@
+"""What users call: the signatures and semantics of torch.nn.functional, on fastbn's kernels."""
+import torch
+
+from fastbn.ops import BatchNormFunction, LinearLeakyReLUFunction
+
+
+def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
+               momentum=0.1, eps=1e-5):
+    """Drop-in for torch.nn.functional.batch_norm.
+
+    input (N, C, *); training normalises with the batch's biased variance and, when running
+    stats are given, updates them in place with `momentum` (unbiased variance); eval uses the
+    running stats. Accumulates in float32 for bfloat16/float16 inputs.
+    """
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"batch_norm: expected input to be a Tensor, got {type(input).__name__}")
+    return BatchNormFunction.apply(
+        input, weight, bias, running_mean, running_var, bool(training), float(momentum), float(eps)
+    )[0]
+
+
+def linear_leaky_relu(input, weight, bias=None, negative_slope=0.01):
+    """leaky_relu(input @ weight.T + bias, negative_slope) in one fused op.
+
+    input (*, in_features), weight (out_features, in_features), bias (out_features,).
+    Under autocast the operands are cast to the autocast dtype, as torch does for linear.
+    """
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"linear_leaky_relu: expected input to be a Tensor, got {type(input).__name__}")
+    device_type = input.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        input, weight = input.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    return LinearLeakyReLUFunction.apply(input, weight, bias, float(negative_slope))

@@ -1,0 +1,81 @@
+"""Modules: drop-ins for torch.nn.BatchNorm1d/2d and a fused nn.Linear + nn.LeakyReLU.
+
+They subclass the torch modules they replace, so parameters, buffers, state_dict keys,
+initialisation and isinstance checks are torch's; only forward runs fastbn's kernels."""
+import torch
+
+from fastbn import functional as F
+
+
+class _BatchNormForward:
+    # torch's _BatchNorm.forward, calling fastbn.functional.batch_norm.
+    def forward(self, input):
+        self._check_input_dim(input)
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average
+                factor = 1.0 / float(self.num_batches_tracked)
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        keep_running = not self.training or self.track_running_stats
+        return F.batch_norm(
+            input,
+            self.running_mean if keep_running else None,
+            self.running_var if keep_running else None,
+            self.weight, self.bias, use_batch_stats, factor, self.eps,
+        )
+
+
+class BatchNorm1d(_BatchNormForward, torch.nn.BatchNorm1d):
+    """torch.nn.BatchNorm1d on fastbn kernels: input (N, C) or (N, C, L)."""
+
+
+class BatchNorm2d(_BatchNormForward, torch.nn.BatchNorm2d):
+    """torch.nn.BatchNorm2d on fastbn kernels: input (N, C, H, W), contiguous or channels_last."""
+
+
+class LinearLeakyReLU(torch.nn.Linear):
+    """nn.Linear followed by nn.LeakyReLU(negative_slope), fused. Same weight/bias (shape,
+    initialisation, state_dict keys) as nn.Linear, so a trained nn.Linear loads into it."""
+
+    def __init__(self, in_features, out_features, bias=True, negative_slope=0.01, device=None,
+                 dtype=None):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.negative_slope = negative_slope
+
+    def forward(self, input):
+        return F.linear_leaky_relu(input, self.weight, self.bias, self.negative_slope)
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, negative_slope={self.negative_slope}"
+
+
+_SWAPS = {torch.nn.BatchNorm1d: BatchNorm1d, torch.nn.BatchNorm2d: BatchNorm2d}
+
+
+def _swap(module):
+    new_cls = _SWAPS.get(type(module))
+    if new_cls is None:
+        return module
+    p = module.weight if module.weight is not None else module.running_mean
+    new = new_cls(module.num_features, module.eps, module.momentum, module.affine,
+                  module.track_running_stats,
+                  device=p.device if p is not None else None, dtype=p.dtype if p is not None else None)
+    new.load_state_dict(module.state_dict())
+    new.train(module.training)
+    if module.affine:  # keep requires_grad choices (e.g. frozen BN)
+        new.weight.requires_grad_(module.weight.requires_grad)
+        new.bias.requires_grad_(module.bias.requires_grad)
+    return new
+
+
+def convert(model):
+    """Replace every torch.nn.BatchNorm1d/2d in `model` (in place, and returned) by fastbn's,
+    carrying parameters, buffers and train/eval mode over. Returns the new module when `model`
+    itself is a BatchNorm."""
+    swapped = _swap(model)
+    if swapped is not model:
+        return swapped
+    for name, child in model.named_children():
+        setattr(model, name, convert(child))
+    return model

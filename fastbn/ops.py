@@ -1,0 +1,123 @@
+"""torch.library glue for the ops declared in csrc/ops.cpp: fake (meta) kernels, so that
+torch.compile and FakeTensor can trace them, and the autograd Functions that pair each forward
+op with its backward ops. Users call fastbn.functional / fastbn.nn, not this module."""
+import torch
+
+from fastbn import _C  # noqa: F401  (loads the schemas)
+
+_ops = torch.ops.fastbn
+
+
+def _acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _batch_norm_format(input):
+    # The layout the kernels keep (csrc/checks.h: batch_norm_layout).
+    if input.dim() == 4 and not input.is_contiguous() and input.is_contiguous(
+        memory_format=torch.channels_last
+    ):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+# ---- fake kernels ----------------------------------------------------------------------------
+
+
+@torch.library.register_fake("fastbn::batch_norm")
+def _(input, weight, bias, running_mean, running_var, training, momentum, eps):
+    C = input.shape[1]
+    acc = _acc_dtype(input.dtype)
+    out = torch.empty_like(input, memory_format=_batch_norm_format(input))
+    return out, input.new_empty((C,), dtype=acc), input.new_empty((C,), dtype=acc)
+
+
+@torch.library.register_fake("fastbn::batch_norm_backward_reduce")
+def _(grad_output, input, mean, invstd):
+    return torch.empty_like(mean), torch.empty_like(mean)
+
+
+@torch.library.register_fake("fastbn::batch_norm_backward_input")
+def _(grad_output, input, mean, invstd, weight, sum_dy, sum_dy_xmu):
+    return torch.empty_like(input, memory_format=_batch_norm_format(input))
+
+
+@torch.library.register_fake("fastbn::linear_leaky_relu")
+def _(input, weight, bias, negative_slope):
+    return input.new_empty((*input.shape[:-1], weight.shape[0]))
+
+
+@torch.library.register_fake("fastbn::leaky_relu_backward_bias")
+def _(grad_output, saved, negative_slope):
+    return torch.empty_like(saved, memory_format=torch.contiguous_format), saved.new_empty(
+        (saved.shape[-1],)
+    )
+
+
+# ---- autograd --------------------------------------------------------------------------------
+
+
+class BatchNormFunction(torch.autograd.Function):
+    """y = (x - mean) * invstd * weight + bias, with the backward of the study's section 3.2:
+    dx = weight * invstd * (dy - mean(dy) - x_hat * mean(dy * x_hat))."""
+
+    @staticmethod
+    def forward(input, weight, bias, running_mean, running_var, training, momentum, eps):
+        return _ops.batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, weight, bias, *_ , training, _momentum, _eps = inputs
+        _, mean, invstd = output
+        ctx.save_for_backward(input, weight, mean, invstd)
+        ctx.training = training
+        ctx.mark_non_differentiable(mean, invstd)
+
+    @staticmethod
+    def backward(ctx, grad_output, _grad_mean, _grad_invstd):
+        input, weight, mean, invstd = ctx.saved_tensors
+        need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad_input = grad_weight = grad_bias = None
+        sum_dy = sum_dy_xmu = None
+        if need_weight or need_bias or (need_input and ctx.training):
+            sum_dy, sum_dy_xmu = _ops.batch_norm_backward_reduce(grad_output, input, mean, invstd)
+        if need_input:
+            grad_input = _ops.batch_norm_backward_input(
+                grad_output, input, mean, invstd, weight,
+                sum_dy if ctx.training else None, sum_dy_xmu if ctx.training else None,
+            )
+        if need_weight:
+            grad_weight = (sum_dy_xmu * invstd).to(weight.dtype)
+        if need_bias:
+            grad_bias = sum_dy.to(weight.dtype if weight is not None else input.dtype)
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None
+
+
+class LinearLeakyReLUFunction(torch.autograd.Function):
+    """y = leaky_relu(x @ W.T + b). For slope >= 0 the output's sign is the pre-activation's,
+    so the output is all the backward keeps; a negative slope keeps the pre-activation."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, negative_slope):
+        if negative_slope >= 0:
+            out = _ops.linear_leaky_relu(input, weight, bias, negative_slope)
+            saved = out
+        else:
+            saved = _ops.linear_leaky_relu(input, weight, bias, 1.0)  # identity: the pre-activation
+            out = torch.nn.functional.leaky_relu(saved, negative_slope)
+        ctx.save_for_backward(input, weight, saved)
+        ctx.negative_slope = negative_slope
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        input, weight, saved = ctx.saved_tensors
+        need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad_pre, grad_bias = _ops.leaky_relu_backward_bias(grad_output, saved, ctx.negative_slope)
+        grad_pre = grad_pre.reshape(-1, weight.shape[0])
+        grad_input = grad_weight = None
+        if need_input:
+            grad_input = (grad_pre @ weight).view(input.shape)
+        if need_weight:
+            grad_weight = grad_pre.t() @ input.reshape(-1, weight.shape[1])
+        return grad_input, grad_weight, grad_bias if need_bias else None, None
