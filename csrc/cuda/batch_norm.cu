@@ -1,0 +1,442 @@
+// BatchNorm on CUDA. The same maths as the CPU loops (cpu/kernels_impl.inc) and the Python
+// reference (fastbn/reference/):
+//   forward:  per-channel Welford (mean, m2) -> y = (x - mean) * invstd * weight + bias
+//   backward: per-channel sum(dy), sum(dy * (x - mean)) -> dx (see batch_norm_backward_input)
+//
+// Reductions run in two steps so that large N*H*W fills the GPU: a grid of (channel, split)
+// blocks each merges its values with warp shuffles and shared memory into one partial, then a
+// per-channel finalize kernel merges the partials in a fixed order (deterministic). The
+// elementwise passes are grid-stride loops over 16-byte vectors. Everything runs on the current
+// stream; partial offsets are 64-bit, elementwise indices 32-bit only where the size allows.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "checks.h"
+#include "cuda/common.cuh"
+
+namespace fastbn {
+namespace cuda {
+namespace {
+
+constexpr const char* kOp = "fastbn.batch_norm";
+constexpr int kThreads = 256;
+constexpr int kRowsX = 32, kRowsY = 8;  // channels-last reduce block: 32 channels x 8 rows
+
+// ---- reduction states -----------------------------------------------------------------------
+
+template <typename acc_t>
+struct Welford {
+  acc_t mean, m2;
+  int64_t n;
+};
+
+template <typename acc_t>
+__device__ __forceinline__ Welford<acc_t> merge(const Welford<acc_t>& a, const Welford<acc_t>& b) {
+  if (b.n == 0) return a;
+  if (a.n == 0) return b;
+  const int64_t n = a.n + b.n;
+  const acc_t delta = b.mean - a.mean, frac = acc_t(b.n) / acc_t(n);
+  return {a.mean + delta * frac, a.m2 + b.m2 + delta * delta * acc_t(a.n) * frac, n};
+}
+
+template <typename acc_t>
+__device__ __forceinline__ Welford<acc_t> shfl_down(const Welford<acc_t>& w, int off) {
+  return {__shfl_down_sync(0xffffffffu, w.mean, off), __shfl_down_sync(0xffffffffu, w.m2, off),
+          __shfl_down_sync(0xffffffffu, w.n, off)};
+}
+
+template <typename acc_t>
+struct GradSums {
+  acc_t sdy, sdyxmu;
+};
+
+template <typename acc_t>
+__device__ __forceinline__ GradSums<acc_t> merge(const GradSums<acc_t>& a, const GradSums<acc_t>& b) {
+  return {a.sdy + b.sdy, a.sdyxmu + b.sdyxmu};
+}
+
+template <typename acc_t>
+__device__ __forceinline__ GradSums<acc_t> shfl_down(const GradSums<acc_t>& s, int off) {
+  return {__shfl_down_sync(0xffffffffu, s.sdy, off), __shfl_down_sync(0xffffffffu, s.sdyxmu, off)};
+}
+
+// What is accumulated per value, by index into the (dense) tensors.
+template <typename scalar_t, typename acc_t>
+struct StatsOp {
+  using State = Welford<acc_t>;
+  const scalar_t* __restrict__ x;
+  __device__ State init() const { return {acc_t(0), acc_t(0), 0}; }
+  __device__ void add(State& s, int64_t i, int64_t) const {
+    const acc_t v = static_cast<acc_t>(x[i]);
+    s.n += 1;
+    const acc_t d = v - s.mean;
+    s.mean += d / acc_t(s.n);
+    s.m2 += d * (v - s.mean);
+  }
+};
+
+template <typename scalar_t, typename acc_t>
+struct GradSumsOp {
+  using State = GradSums<acc_t>;
+  const scalar_t* __restrict__ dy;
+  const scalar_t* __restrict__ x;
+  const acc_t* __restrict__ mean;
+  __device__ State init() const { return {acc_t(0), acc_t(0)}; }
+  __device__ void add(State& s, int64_t i, int64_t c) const {
+    const acc_t g = static_cast<acc_t>(dy[i]);
+    s.sdy += g;
+    s.sdyxmu += g * (static_cast<acc_t>(x[i]) - mean[c]);
+  }
+};
+
+template <typename State>
+__device__ __forceinline__ State warp_merge(State s) {
+  for (int off = kWarp / 2; off > 0; off >>= 1) s = merge(s, shfl_down(s, off));
+  return s;
+}
+
+// ---- reduction kernels: one partial per (split, channel) ------------------------------------
+
+// Planar (N, C, S): block (c, split) walks n = split, split + splits, ... and s by thread.
+template <typename Op>
+__global__ void planar_reduce_kernel(Op op, int64_t N, int64_t C, int64_t S,
+                                     typename Op::State* __restrict__ partial) {
+  using State = typename Op::State;
+  __shared__ State warp_states[kThreads / kWarp];
+  const int64_t c = blockIdx.x;
+  State s = op.init();
+  for (int64_t n = blockIdx.y; n < N; n += gridDim.y) {
+    const int64_t base = (n * C + c) * S;
+    for (int64_t j = threadIdx.x; j < S; j += blockDim.x) op.add(s, base + j, c);
+  }
+  s = warp_merge(s);
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  if (lane == 0) warp_states[warp] = s;
+  __syncthreads();
+  if (warp == 0) {
+    s = lane < int(blockDim.x / kWarp) ? warp_states[lane] : op.init();
+    s = warp_merge(s);
+    if (lane == 0) partial[blockIdx.y * C + c] = s;
+  }
+}
+
+// Rows (M, C), channels innermost: thread (tx, ty) of block (bx, split) owns channel
+// bx*32 + tx and walks rows ty + 8*split, ... (a warp reads 32 consecutive channels).
+template <typename Op>
+__global__ void rows_reduce_kernel(Op op, int64_t M, int64_t C,
+                                   typename Op::State* __restrict__ partial) {
+  using State = typename Op::State;
+  __shared__ State states[kRowsY][kRowsX];
+  const int64_t c = int64_t(blockIdx.x) * kRowsX + threadIdx.x;
+  State s = op.init();
+  if (c < C) {
+    for (int64_t r = int64_t(blockIdx.y) * kRowsY + threadIdx.y; r < M; r += int64_t(gridDim.y) * kRowsY)
+      op.add(s, r * C + c, c);
+  }
+  states[threadIdx.y][threadIdx.x] = s;
+  __syncthreads();
+  if (threadIdx.y == 0 && c < C) {
+    for (int k = 1; k < kRowsY; ++k) s = merge(s, states[k][threadIdx.x]);
+    partial[blockIdx.y * C + c] = s;
+  }
+}
+
+// ---- finalize: merge the partials of each channel in split order -----------------------------
+
+template <typename acc_t, typename running_t>
+__global__ void finalize_stats_kernel(const Welford<acc_t>* __restrict__ partial, int splits, int64_t C,
+                                      acc_t eps, acc_t momentum, acc_t* __restrict__ save_mean,
+                                      acc_t* __restrict__ save_invstd, running_t* __restrict__ running_mean,
+                                      running_t* __restrict__ running_var) {
+  const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  Welford<acc_t> w{acc_t(0), acc_t(0), 0};
+  for (int k = 0; k < splits; ++k) w = merge(w, partial[int64_t(k) * C + c]);
+  const acc_t var = w.m2 / acc_t(w.n);
+  save_mean[c] = w.mean;
+  save_invstd[c] = acc_t(1) / sqrt(var + eps);
+  if (running_mean != nullptr) {
+    const acc_t unbiased = w.n > 1 ? w.m2 / acc_t(w.n - 1) : acc_t(NAN);
+    running_mean[c] = static_cast<running_t>((acc_t(1) - momentum) * static_cast<acc_t>(running_mean[c]) +
+                                             momentum * w.mean);
+    running_var[c] = static_cast<running_t>((acc_t(1) - momentum) * static_cast<acc_t>(running_var[c]) +
+                                            momentum * unbiased);
+  }
+}
+
+template <typename acc_t>
+__global__ void finalize_sums_kernel(const GradSums<acc_t>* __restrict__ partial, int splits, int64_t C,
+                                     acc_t* __restrict__ sum_dy, acc_t* __restrict__ sum_dy_xmu) {
+  const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  GradSums<acc_t> s{acc_t(0), acc_t(0)};
+  for (int k = 0; k < splits; ++k) s = merge(s, partial[int64_t(k) * C + c]);
+  sum_dy[c] = s.sdy;
+  sum_dy_xmu[c] = s.sdyxmu;
+}
+
+// Launches the reduction of `op` over the layout; returns the partials and their count.
+template <typename Op>
+std::pair<Tensor, int> reduce_partials(const Op& op, const BatchNormLayout& L) {
+  using State = typename Op::State;
+  const int64_t C = L.C, target_blocks = int64_t(num_sms()) * 4;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  int splits;
+  dim3 grid, block;
+  if (L.planar) {
+    const int64_t by_work = std::max<int64_t>(1, L.N * L.S / 2048);
+    splits = int(std::clamp<int64_t>(std::min({ceil_div(target_blocks, C), L.N, by_work}), 1, 65535));
+    grid = dim3(unsigned(C), unsigned(splits));
+    block = dim3(kThreads);
+  } else {
+    const int64_t M = L.N * L.S, cblocks = ceil_div(C, kRowsX);
+    const int64_t by_work = std::max<int64_t>(1, M / (kRowsY * 16));
+    splits = int(std::clamp<int64_t>(std::min(ceil_div(target_blocks, cblocks), by_work), 1, 65535));
+    grid = dim3(unsigned(cblocks), unsigned(splits));
+    block = dim3(kRowsX, kRowsY);
+  }
+  TORCH_CHECK(C <= 0x7fffffff, kOp, ": too many channels (", C, ") for the CUDA grid");
+  Tensor partial = at::empty({int64_t(splits) * C * int64_t(sizeof(State))},
+                             L.x.options().dtype(at::kByte));
+  State* p = reinterpret_cast<State*>(partial.data_ptr());
+  if (L.planar)
+    planar_reduce_kernel<<<grid, block, 0, stream>>>(op, L.N, C, L.S, p);
+  else
+    rows_reduce_kernel<<<grid, block, 0, stream>>>(op, L.N * L.S, C, p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {partial, splits};
+}
+
+// ---- elementwise passes ---------------------------------------------------------------------
+
+// Channel of the k-th value of vector i. Planar: a vector never straddles two planes (S % VEC
+// == 0). Rows: the vector covers channels c0 .. c0+VEC-1 (C % VEC == 0).
+template <typename index_t, int VEC, bool ROWS>
+__device__ __forceinline__ index_t channel_of(index_t i, int k, index_t C, index_t Sv) {
+  if (ROWS) return (i * VEC) % C + k;
+  return (i / Sv) % C;
+}
+
+template <typename scalar_t, typename acc_t, typename index_t, int VEC, bool ROWS>
+__global__ void normalize_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, index_t nvec,
+                                 index_t C, index_t Sv, const acc_t* __restrict__ mean,
+                                 const acc_t* __restrict__ invstd, const acc_t* __restrict__ weight,
+                                 const acc_t* __restrict__ bias) {
+  using V = Vec<scalar_t, VEC>;
+  for (index_t i = index_t(blockIdx.x) * blockDim.x + threadIdx.x; i < nvec;
+       i += index_t(gridDim.x) * blockDim.x) {
+    const V in = reinterpret_cast<const V*>(x)[i];
+    V out;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      const index_t c = channel_of<index_t, VEC, ROWS>(i, k, C, Sv);
+      const acc_t scale = invstd[c] * (weight ? weight[c] : acc_t(1));
+      out.v[k] = static_cast<scalar_t>((static_cast<acc_t>(in.v[k]) - mean[c]) * scale +
+                                       (bias ? bias[c] : acc_t(0)));
+    }
+    reinterpret_cast<V*>(y)[i] = out;
+  }
+}
+
+// dx = weight * invstd * (dy - sum_dy/M - (x - mean) * invstd^2 * sum_dy_xmu/M)   (TRAIN)
+// dx = weight * invstd * dy                                                        (eval)
+template <typename scalar_t, typename acc_t, typename index_t, int VEC, bool ROWS, bool TRAIN>
+__global__ void grad_input_kernel(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
+                                  scalar_t* __restrict__ dx, index_t nvec, index_t C, index_t Sv,
+                                  const acc_t* __restrict__ mean, const acc_t* __restrict__ invstd,
+                                  const acc_t* __restrict__ weight, const acc_t* __restrict__ sum_dy,
+                                  const acc_t* __restrict__ sum_dy_xmu, acc_t inv_m) {
+  using V = Vec<scalar_t, VEC>;
+  for (index_t i = index_t(blockIdx.x) * blockDim.x + threadIdx.x; i < nvec;
+       i += index_t(gridDim.x) * blockDim.x) {
+    const V g = reinterpret_cast<const V*>(dy)[i];
+    V xin;
+    if (TRAIN) xin = reinterpret_cast<const V*>(x)[i];
+    V out;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      const index_t c = channel_of<index_t, VEC, ROWS>(i, k, C, Sv);
+      const acc_t is = invstd[c], a = is * (weight ? weight[c] : acc_t(1));
+      acc_t v = static_cast<acc_t>(g.v[k]);
+      if (TRAIN)
+        v = v - sum_dy[c] * inv_m - (static_cast<acc_t>(xin.v[k]) - mean[c]) * is * is * sum_dy_xmu[c] * inv_m;
+      out.v[k] = static_cast<scalar_t>(v * a);
+    }
+    reinterpret_cast<V*>(dx)[i] = out;
+  }
+}
+
+// Calls f(index_t tag, VEC, ROWS) with the vector width and index type this call can use.
+template <typename scalar_t, typename F>
+void elementwise_dispatch(const BatchNormLayout& L, std::initializer_list<const void*> ptrs, F&& f) {
+  const bool vectorize = can_vectorize<scalar_t>(L.planar ? L.S : L.C, ptrs);
+  const bool small = L.x.numel() < (int64_t(1) << 31);
+  auto with_vec = [&](auto vec_tag) {
+    constexpr int VEC = decltype(vec_tag)::value;
+    if (L.planar) {
+      if (small) f(int32_t(0), std::integral_constant<int, VEC>(), std::false_type());
+      else f(int64_t(0), std::integral_constant<int, VEC>(), std::false_type());
+    } else {
+      if (small) f(int32_t(0), std::integral_constant<int, VEC>(), std::true_type());
+      else f(int64_t(0), std::integral_constant<int, VEC>(), std::true_type());
+    }
+  };
+  if (vectorize) with_vec(std::integral_constant<int, kVec16<scalar_t>>());
+  else with_vec(std::integral_constant<int, 1>());
+}
+
+// ---- ops ------------------------------------------------------------------------------------
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_cuda(const Tensor& input, const OptTensor& weight,
+                                                   const OptTensor& bias, const OptTensor& running_mean,
+                                                   const OptTensor& running_var, bool training,
+                                                   double momentum, double eps) {
+  check_batch_norm_args(kOp, input, weight, bias, running_mean, running_var, training,
+                        /*allow_half=*/true);
+  const c10::cuda::CUDAGuard guard(input.device());
+  const BatchNormLayout L = batch_norm_layout(input);
+  const int64_t C = L.C, M = L.per_channel();
+  const auto acc = acc_type(input.scalar_type());
+  Tensor out = at::empty(L.x.sizes(), L.x.options().memory_format(L.format));
+  const bool has_running = running_mean.has_value() && running_mean->defined();
+  auto stream = at::cuda::getCurrentCUDAStream();
+
+  Tensor save_mean, save_invstd;
+  if (training) {
+    save_mean = at::zeros({C}, input.options().dtype(acc));
+    save_invstd = at::zeros({C}, input.options().dtype(acc));
+    if (M == 0) return {out, save_mean, save_invstd};  // empty batch: running stats untouched
+    // the kernel updates dense running stats; others are updated through a dense copy
+    Tensor rm, rv;
+    if (has_running) {
+      rm = running_mean->is_contiguous() ? *running_mean : running_mean->contiguous();
+      rv = running_var->is_contiguous() ? *running_var : running_var->contiguous();
+    }
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fastbn_bn_stats_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const auto res = reduce_partials(StatsOp<scalar_t, acc_t>{L.x.const_data_ptr<scalar_t>()}, L);
+      const int splits = res.second;
+      const auto* p = reinterpret_cast<const Welford<acc_t>*>(res.first.const_data_ptr());
+      const unsigned blocks = unsigned(ceil_div(C, kThreads));
+      auto finalize = [&](auto running_tag) {
+        using running_t = decltype(running_tag);
+        finalize_stats_kernel<acc_t, running_t><<<blocks, kThreads, 0, stream>>>(
+            p, splits, C, acc_t(eps), acc_t(momentum), save_mean.data_ptr<acc_t>(),
+            save_invstd.data_ptr<acc_t>(), has_running ? rm.data_ptr<running_t>() : nullptr,
+            has_running ? rv.data_ptr<running_t>() : nullptr);
+      };
+      if (!has_running || rm.scalar_type() == acc) finalize(acc_t(0));
+      else finalize(scalar_t(0));  // the checks allow only the input dtype or its acc dtype
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    if (has_running && !running_mean->is_contiguous()) running_mean->copy_(rm);
+    if (has_running && !running_var->is_contiguous()) running_var->copy_(rv);
+  } else {
+    // copies: a saved statistic must not alias the running buffer it came from
+    save_mean = running_mean->to(acc, /*non_blocking=*/false, /*copy=*/true).contiguous();
+    save_invstd = (running_var->to(acc) + eps).rsqrt().contiguous();
+    if (M == 0) return {out, save_mean, save_invstd};
+  }
+
+  const Tensor w = channel_values(weight, input, 1.0), b = channel_values(bias, input, 0.0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fastbn_bn_normalize_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* x = L.x.const_data_ptr<scalar_t>();
+    scalar_t* y = out.data_ptr<scalar_t>();
+    elementwise_dispatch<scalar_t>(L, {x, y}, [&](auto index_tag, auto vec_tag, auto rows_tag) {
+      using index_t = decltype(index_tag);
+      constexpr int VEC = decltype(vec_tag)::value;
+      constexpr bool ROWS = decltype(rows_tag)::value;
+      const int64_t nvec = L.x.numel() / VEC;
+      normalize_kernel<scalar_t, acc_t, index_t, VEC, ROWS><<<grid_for(nvec, kThreads), kThreads, 0, stream>>>(
+          x, y, index_t(nvec), index_t(C), index_t(L.S / VEC), save_mean.const_data_ptr<acc_t>(),
+          save_invstd.const_data_ptr<acc_t>(), w.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return {out, save_mean, save_invstd};
+}
+
+std::tuple<Tensor, Tensor> batch_norm_backward_reduce_cuda(const Tensor& grad_output, const Tensor& input,
+                                                           const Tensor& mean, const Tensor& invstd) {
+  check_batch_norm_backward_args("fastbn.batch_norm_backward_reduce", grad_output, input, mean, invstd);
+  const c10::cuda::CUDAGuard guard(input.device());
+  const BatchNormLayout L = batch_norm_layout(input);
+  const Tensor dy = grad_output.contiguous(L.format);
+  const int64_t C = L.C;
+  Tensor sum_dy = at::zeros_like(mean), sum_dy_xmu = at::zeros_like(mean);
+  if (L.per_channel() == 0) return {sum_dy, sum_dy_xmu};
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fastbn_bn_bwd_reduce_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const Tensor mu = mean.contiguous();
+    const auto res = reduce_partials(
+        GradSumsOp<scalar_t, acc_t>{dy.const_data_ptr<scalar_t>(), L.x.const_data_ptr<scalar_t>(),
+                                    mu.const_data_ptr<acc_t>()},
+        L);
+    finalize_sums_kernel<acc_t><<<unsigned(ceil_div(C, kThreads)), kThreads, 0, stream>>>(
+        reinterpret_cast<const GradSums<acc_t>*>(res.first.const_data_ptr()), res.second, C,
+        sum_dy.data_ptr<acc_t>(), sum_dy_xmu.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {sum_dy, sum_dy_xmu};
+}
+
+Tensor batch_norm_backward_input_cuda(const Tensor& grad_output, const Tensor& input, const Tensor& mean,
+                                      const Tensor& invstd, const OptTensor& weight, const OptTensor& sum_dy,
+                                      const OptTensor& sum_dy_xmu) {
+  const char* op = "fastbn.batch_norm_backward_input";
+  check_batch_norm_backward_args(op, grad_output, input, mean, invstd);
+  check_channel_tensor(op, "weight", weight, input);
+  const bool training = sum_dy.has_value() && sum_dy->defined();
+  TORCH_CHECK(training == (sum_dy_xmu.has_value() && sum_dy_xmu->defined()), op,
+              ": sum_dy and sum_dy_xmu must both be given (training) or both be None (eval)");
+  const c10::cuda::CUDAGuard guard(input.device());
+  const BatchNormLayout L = batch_norm_layout(input);
+  const Tensor dy = grad_output.contiguous(L.format);
+  Tensor dx = at::empty(L.x.sizes(), L.x.options().memory_format(L.format));
+  const int64_t C = L.C, M = L.per_channel();
+  if (M == 0) return dx;
+  const Tensor w = channel_values(weight, input, 1.0);
+  const Tensor mu = mean.contiguous(), is = invstd.contiguous();
+  const Tensor s1 = training ? sum_dy->contiguous() : Tensor(), s2 = training ? sum_dy_xmu->contiguous() : Tensor();
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fastbn_bn_bwd_input_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* g = dy.const_data_ptr<scalar_t>();
+    const scalar_t* x = L.x.const_data_ptr<scalar_t>();
+    scalar_t* d = dx.data_ptr<scalar_t>();
+    elementwise_dispatch<scalar_t>(L, {g, x, d}, [&](auto index_tag, auto vec_tag, auto rows_tag) {
+      using index_t = decltype(index_tag);
+      constexpr int VEC = decltype(vec_tag)::value;
+      constexpr bool ROWS = decltype(rows_tag)::value;
+      const int64_t nvec = L.x.numel() / VEC;
+      const dim3 grid(grid_for(nvec, kThreads));
+      auto launch = [&](auto train_tag) {
+        constexpr bool TRAIN = decltype(train_tag)::value;
+        grad_input_kernel<scalar_t, acc_t, index_t, VEC, ROWS, TRAIN><<<grid, kThreads, 0, stream>>>(
+            g, x, d, index_t(nvec), index_t(C), index_t(L.S / VEC), mu.const_data_ptr<acc_t>(),
+            is.const_data_ptr<acc_t>(), w.const_data_ptr<acc_t>(),
+            TRAIN ? s1.const_data_ptr<acc_t>() : nullptr, TRAIN ? s2.const_data_ptr<acc_t>() : nullptr,
+            acc_t(1) / acc_t(M));
+      };
+      if (training) launch(std::true_type());
+      else launch(std::false_type());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return dx;
+}
+
+}  // namespace
+}  // namespace cuda
+
+TORCH_LIBRARY_IMPL(fastbn, CUDA, m) {
+  m.impl("batch_norm", &cuda::batch_norm_cuda);
+  m.impl("batch_norm_backward_reduce", &cuda::batch_norm_backward_reduce_cuda);
+  m.impl("batch_norm_backward_input", &cuda::batch_norm_backward_input_cuda);
+}
+
+}  // namespace fastbn
