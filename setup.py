@@ -13,8 +13,13 @@ from pathlib import Path
 
 from setuptools import setup
 
-import torch
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+# torch derives CUDA_HOME from the nvcc on PATH when it is unset; on our machines that is a
+# wrapper in /usr/local/bin, whose ../lib64 has no libcudart. Prefer the real toolkit.
+if not os.environ.get("CUDA_HOME") and os.path.isfile("/usr/local/cuda/bin/nvcc"):
+    os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 ROOT = Path(__file__).parent
 VERSION = "0.1.0"

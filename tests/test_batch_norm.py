@@ -1,0 +1,321 @@
+"""fastbn BatchNorm against torch (float64 reference), gradcheck, opcheck, compile, numerics, errors."""
+import pytest
+import torch
+import torch.nn.functional as TF
+
+import fastbn
+from fastbn import functional as F
+from conftest import CUDA, DEVICES, dtypes_for
+
+# Max error relative to the reference's largest magnitude, per dtype.
+REL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+
+SHAPES = [
+    (2, 3),            # N = 2
+    (5, 1),            # C = 1
+    (200, 1000),       # the MLP's BatchNorm1d
+    (3, 7, 9),         # (N, C, L)
+    (2, 7, 1, 1),      # H*W = 1
+    (4, 3, 5, 5),      # odd sizes
+    (2, 1, 96, 96),    # one channel, large H*W (several blocks per plane)
+    (8, 16, 8, 8),
+    (3, 1000, 2, 3),   # many channels, tiny planes
+]
+
+
+def assert_rel_close(actual, expected, dtype, what, scale=None):
+    err = (actual.double() - expected.double()).abs().max().item()
+    scale = max(scale or 0.0, expected.double().abs().max().item(), 1e-6)
+    assert err / scale <= REL[dtype], f"{what}: max error {err:.3g} vs scale {scale:.3g} ({dtype})"
+
+
+def make_case(shape, dtype, device, channels_last=False, affine=True):
+    C = shape[1]
+    x = (torch.randn(shape, dtype=torch.float64) * 2 + 0.5).to(device=device, dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    pdtype = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+    w = b = None
+    if affine:
+        w = (torch.rand(C, dtype=torch.float64) + 0.5).to(device, pdtype)
+        b = torch.randn(C, dtype=torch.float64).to(device, pdtype)
+    rm = torch.randn(C, dtype=torch.float64).to(device, pdtype)
+    rv = (torch.rand(C, dtype=torch.float64) + 0.5).to(device, pdtype)
+    return x, w, b, rm, rv
+
+
+def leaf(t):
+    return None if t is None else t.detach().clone().requires_grad_(True)
+
+
+def f64(t):
+    return None if t is None else t.detach().double().requires_grad_(True)
+
+
+CASES = [
+    (shape, dtype, device, training, cl)
+    for device in ["cpu", "cuda"]
+    for dtype in (dtypes_for("cuda") if device == "cuda" else dtypes_for("cpu"))
+    for shape in SHAPES
+    for training in (True, False)
+    for cl in ((False, True) if len(shape) == 4 else (False,))
+]
+
+
+@pytest.mark.parametrize(
+    "shape,dtype,device,training,channels_last",
+    [pytest.param(*c, marks=pytest.mark.skipif(c[2] == "cuda" and not CUDA, reason="needs CUDA")) for c in CASES],
+)
+def test_functional_matches_torch_float64(shape, dtype, device, training, channels_last):
+    x, w, b, rm, rv = make_case(shape, dtype, device, channels_last)
+    rm_ref, rv_ref = rm.double().clone(), rv.double().clone()
+    xs, ws, bs = leaf(x), leaf(w), leaf(b)
+    y = F.batch_norm(xs, rm, rv, ws, bs, training=training, momentum=0.1, eps=1e-5)
+    xr, wr, br = f64(x), f64(w), f64(b)
+    y_ref = TF.batch_norm(xr, rm_ref, rv_ref, wr, br, training=training, momentum=0.1, eps=1e-5)
+
+    assert y.dtype == dtype and y.shape == x.shape
+    if channels_last:
+        assert y.is_contiguous(memory_format=torch.channels_last)
+    assert torch.isfinite(y).all()
+    assert_rel_close(y, y_ref, dtype, "output")
+    assert_rel_close(rm, rm_ref, dtype, "running_mean")
+    assert_rel_close(rv, rv_ref, dtype, "running_var")
+
+    g = torch.randn_like(y_ref).to(dtype)
+    grads = torch.autograd.grad(y, (xs, ws, bs), g)
+    grads_ref = torch.autograd.grad(y_ref, (xr, wr, br), g.double())
+    # Gradients are sums that can cancel to ~0 (N = 2, C = 1): measure each against the size of
+    # its terms -- dy * weight * invstd for the input, sum |dy| (x_hat is O(1)) for the parameters.
+    dims = [0] + list(range(2, x.dim()))
+    var = xr.var(dims, unbiased=False) if training else rv.double()
+    term_input = (g.double().abs().max() * (wr.abs() * (var + 1e-5).rsqrt()).max()).item()
+    term_params = g.double().abs().sum(dims).max().item()
+    for name, a, e in zip(("grad_input", "grad_weight", "grad_bias"), grads, grads_ref):
+        assert a.dtype == (x.dtype if name == "grad_input" else w.dtype)
+        assert_rel_close(a, e, dtype, name, scale=term_input if name == "grad_input" else term_params)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("track", [True, False])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_module_matches_torch_over_steps(device, momentum, affine, track, channels_last):
+    kw = dict(momentum=momentum, affine=affine, track_running_stats=track, device=device, dtype=torch.float64)
+    ours, ref = fastbn.nn.BatchNorm2d(6, **kw), torch.nn.BatchNorm2d(6, **kw)
+    ref.load_state_dict(ours.state_dict())
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    for step in range(4):
+        ours.train(step < 3)
+        ref.train(step < 3)
+        x = (torch.randn(5, 6, 4, 3, dtype=torch.float64, device=device) * (step + 1) + step)
+        x = x.contiguous(memory_format=fmt)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = ours(xa), ref(xb)
+        torch.testing.assert_close(ya, yb, rtol=1e-10, atol=1e-10)
+        g = torch.randn_like(ya)
+        ya.backward(g)
+        yb.backward(g)
+        torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-10, atol=1e-10)
+        if affine:
+            torch.testing.assert_close(ours.weight.grad, ref.weight.grad, rtol=1e-10, atol=1e-10)
+            torch.testing.assert_close(ours.bias.grad, ref.bias.grad, rtol=1e-10, atol=1e-10)
+    for (ka, va), (kb, vb) in zip(ours.state_dict().items(), ref.state_dict().items()):
+        assert ka == kb
+        torch.testing.assert_close(va, vb, rtol=1e-12, atol=1e-12)
+
+
+def test_batchnorm1d_on_3d_input_and_state_dict_both_ways():
+    ref = torch.nn.BatchNorm1d(7)
+    ref(torch.randn(4, 7, 5))  # some running stats
+    ours = fastbn.nn.BatchNorm1d(7)
+    ours.load_state_dict(ref.state_dict())
+    back = torch.nn.BatchNorm1d(7)
+    back.load_state_dict(ours.state_dict())
+    torch.testing.assert_close(back.running_mean, ref.running_mean)
+    x = torch.randn(4, 7, 5)
+    torch.testing.assert_close(ours(x), ref(x))
+    torch.testing.assert_close(ours.running_var, ref.running_var)
+    ours.eval(), ref.eval()
+    torch.testing.assert_close(ours(x), ref(x))
+
+
+def test_convert_swaps_and_keeps_state():
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4),
+        torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 5), torch.nn.BatchNorm1d(5)),
+    )
+    model(torch.randn(8, 3, 8, 8))  # move the running stats away from their init
+    model.eval()
+    x = torch.randn(3, 3, 8, 8)
+    expected = model(x)
+    converted = fastbn.convert(model)
+    assert isinstance(converted[1], fastbn.nn.BatchNorm2d)
+    assert isinstance(converted[2][2], fastbn.nn.BatchNorm1d)
+    assert not converted[1].training
+    torch.testing.assert_close(converted(x), expected)
+    assert isinstance(fastbn.convert(torch.nn.BatchNorm2d(3)), fastbn.nn.BatchNorm2d)
+
+
+# ---- gradcheck / opcheck / compile ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "shape,training,channels_last,affine",
+    [((6, 3), True, False, True), ((3, 4, 5), True, False, True), ((2, 3, 4, 5), True, True, True),
+     ((2, 3, 4, 5), False, False, True), ((4, 3), True, False, False), ((2, 3, 2, 2), False, True, False)],
+)
+def test_gradcheck_float64(device, shape, training, channels_last, affine):
+    x, w, b, rm, rv = make_case(shape, torch.float64, device, channels_last, affine)
+    x, w, b = leaf(x), leaf(w), leaf(b)
+    inputs = (x, w, b) if affine else (x,)
+
+    def fn(x, w=None, b=None):
+        return F.batch_norm(x, rm.clone(), rv.clone(), w, b, training=training)
+
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-5)
+
+
+def _sample_calls(device):
+    x, w, b, rm, rv = make_case((4, 3, 5, 5), torch.float32, device)
+    xc, *_ = make_case((4, 3, 5, 5), torch.float32, device, channels_last=True)
+    x1, w1, b1, rm1, rv1 = make_case((8, 5), torch.float64, device)
+    out = []
+    for args in [(x, w, b, rm, rv, True, 0.1, 1e-5), (xc, w, b, rm, rv, False, 0.1, 1e-5),
+                 (x1, None, None, None, None, True, 0.1, 1e-5), (x1, w1, b1, rm1, rv1, True, 0.3, 1e-3)]:
+        out.append((torch.ops.fastbn.batch_norm.default, args))
+        _, mean, invstd = torch.ops.fastbn.batch_norm(*[a.clone() if isinstance(a, torch.Tensor) else a for a in args])
+        inp, weight = args[0], args[1]
+        g = torch.randn_like(inp)
+        out.append((torch.ops.fastbn.batch_norm_backward_reduce.default, (g, inp, mean, invstd)))
+        sdy, sdyxmu = torch.ops.fastbn.batch_norm_backward_reduce(g, inp, mean, invstd)
+        out.append((torch.ops.fastbn.batch_norm_backward_input.default, (g, inp, mean, invstd, weight, sdy, sdyxmu)))
+        out.append((torch.ops.fastbn.batch_norm_backward_input.default, (g, inp, mean, invstd, weight, None, None)))
+    return out
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    for op, args in _sample_calls(device):
+        torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compile_fullgraph_matches_eager(backend):
+    def make():
+        torch.manual_seed(1)
+        return torch.nn.Sequential(
+            torch.nn.Conv2d(3, 8, 3, padding=1), fastbn.nn.BatchNorm2d(8), torch.nn.ReLU(),
+            torch.nn.Flatten(), torch.nn.Linear(8 * 6 * 6, 10), fastbn.nn.BatchNorm1d(10),
+        )
+
+    eager, compiled_model = make(), make()
+    compiled = torch.compile(compiled_model, fullgraph=True, backend=backend)
+    x = torch.randn(4, 3, 6, 6)
+    ya, yb = eager(x), compiled(x)
+    torch.testing.assert_close(yb, ya, rtol=1e-4, atol=1e-5)
+    ya.square().sum().backward()
+    yb.square().sum().backward()
+    for (n, pa), pb in zip(eager.named_parameters(), compiled_model.parameters()):
+        torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-4, atol=1e-4, msg=n)
+    torch.testing.assert_close(compiled_model[1].running_mean, eager[1].running_mean)
+    torch.testing.assert_close(compiled_model[5].running_var, eager[5].running_var)
+
+
+# ---- numerics -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(256, 4), (8, 4, 16, 16)])
+def test_large_mean_small_spread_float32(device, shape):
+    x = (1e4 + torch.randn(shape, dtype=torch.float64)).float().to(device)
+    y = F.batch_norm(x, None, None, training=True)
+    y_ref = TF.batch_norm(x.double(), None, None, training=True)
+    # float32 resolves ~1e-3 at 1e4, so storing the mean costs up to ~5e-4; a naive float sum
+    # would be off by ~1e-2 here (torch's own float32 kernel: 1.3e-3 and 5e-4 on these cases)
+    assert (y.double() - y_ref).abs().max().item() < 7e-4
+    per_channel = y.double().transpose(0, 1).reshape(shape[1], -1)
+    torch.testing.assert_close(per_channel.std(1, unbiased=False), torch.ones(shape[1], dtype=torch.float64, device=device), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_constant_channel_gives_bias_and_finite_grads(device):
+    x = torch.randn(6, 3, 4, 4, device=device)
+    x[:, 1] = 7.0
+    x.requires_grad_()
+    w = torch.ones(3, device=device, requires_grad=True)
+    b = torch.tensor([0.0, 2.5, 0.0], device=device, requires_grad=True)
+    y = F.batch_norm(x, None, None, w, b, training=True)
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y[:, 1], torch.full_like(y[:, 1], 2.5))
+    y.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (x, w, b))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_batch(device):
+    bn, ref = fastbn.nn.BatchNorm2d(3, device=device), torch.nn.BatchNorm2d(3, device=device)
+    x = torch.randn(0, 3, 4, 4, device=device, requires_grad=True)
+    y = bn(x)
+    assert y.shape == x.shape
+    y.sum().backward()
+    assert x.grad.shape == x.shape and torch.all(bn.weight.grad == 0)
+    ref(torch.randn(0, 3, 4, 4, device=device))
+    torch.testing.assert_close(bn.running_mean, ref.running_mean)
+    assert bn.num_batches_tracked.item() == ref.num_batches_tracked.item() == 1
+
+
+def test_deterministic_across_thread_counts():
+    x = torch.randn(16, 8, 33, 17)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        a = F.batch_norm(x, None, None, training=True)
+        torch.set_num_threads(2)
+        b = F.batch_norm(x, None, None, training=True)
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(a, b)
+
+
+def test_arbitrary_strides_are_accepted():
+    base = torch.randn(4, 10, 6, 6)
+    x = base[:, ::2, 1:, ::2]  # neither contiguous nor channels_last
+    torch.testing.assert_close(F.batch_norm(x, None, None, training=True), TF.batch_norm(x, None, None, training=True))
+
+
+# ---- bad input ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "make_args,match",
+    [
+        (lambda: (torch.randn(5), None, None, None, None, True), "at least 2 dims"),
+        (lambda: (torch.randn(4, 3), None, None, torch.randn(4), None, True), "weight of shape \\[3\\]"),
+        (lambda: (torch.randn(4, 3), torch.zeros(4), torch.ones(3), None, None, True), "running_mean of shape"),
+        (lambda: (torch.randn(4, 3), torch.zeros(3), torch.ones(3, 1), None, None, True), "running_var of shape"),
+        (lambda: (torch.randn(4, 3), torch.zeros(3, dtype=torch.float64), torch.ones(3), None, None, True),
+         "running_mean of dtype Float"),
+        (lambda: (torch.randint(0, 5, (4, 3)), None, None, None, None, True), "floating point input"),
+        (lambda: (torch.randn(1, 3), None, None, None, None, True), "more than 1 value per channel"),
+        (lambda: (torch.randn(4, 3), None, None, None, None, False), "evaluation mode"),
+        (lambda: (torch.randn(4, 3), torch.zeros(3), None, None, None, True), "both be given"),
+    ],
+)
+def test_bad_input_raises_clear_error(make_args, match):
+    x, rm, rv, w, b, training = make_args()
+    with pytest.raises(RuntimeError, match=match):
+        F.batch_norm(x, rm, rv, w, b, training=training)
+
+
+def test_module_rejects_wrong_ndim_like_torch():
+    with pytest.raises(ValueError, match="expected 4D input"):
+        fastbn.nn.BatchNorm2d(3)(torch.randn(2, 3, 4))
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_tensors_on_different_devices():
+    with pytest.raises(RuntimeError, match="expected weight on cuda"):
+        F.batch_norm(torch.randn(4, 3, device="cuda"), None, None, torch.ones(3), None, training=True)
