@@ -3,7 +3,9 @@
 // Statistics are computed per block (a run of one channel, or a chunk of rows), two-pass inside
 // the block while it sits in cache, and the blocks are merged per channel in a fixed order with
 // Chan's formula: numerically stable (no E[x^2] - E[x]^2), one read of the input, and
-// deterministic whatever the thread count.
+// deterministic whatever the thread count. Per-channel vectors (weight, running stats, ...) are
+// read and written in place: at small sizes (BatchNorm1d on 200 x 1000) a handful of ATen
+// temporaries would cost as much as the kernel.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -13,13 +15,14 @@
 
 #include "checks.h"
 #include "cpu/kernels.h"
+#include "cpu/output_allocator.h"
 
 namespace fastbn {
 namespace {
 
-constexpr const char* kOp = "fastbn.batch_norm";
-constexpr int64_t kPlaneBlock = 4096;   // values of one channel per block (fits L1)
-constexpr int64_t kRowsBlock = 16384;   // values per row-chunk in the channels-innermost layout
+constexpr int64_t kPlaneBlock = 4096;  // values of one channel per block (fits L1)
+constexpr int64_t kRowsBlock = 65536;  // values per row-chunk in the channels-innermost layout (L2)
+constexpr int64_t kGrainValues = 32768;  // below this, a parallel region runs inline
 
 template <typename scalar_t>
 struct KernelType {
@@ -30,243 +33,355 @@ struct KernelType<c10::BFloat16> {
   using type = cpu::bf16;
 };
 
-// Running merge of (count, mean, m2) partials (Chan et al.).
-struct Moments {
-  double n = 0, mean = 0, m2 = 0;
-  void add(double nb, double mean_b, double m2_b) {
-    if (nb == 0) return;
-    const double n_ab = n + nb, delta = mean_b - mean;
-    mean += delta * nb / n_ab;
-    m2 += m2_b + delta * delta * n * nb / n_ab;
-    n = n_ab;
+// Merges K partial (count, mean, m2) of one channel, in a fixed order:
+//   mean = sum(n_k * mean_k) / n,   m2 = sum(m2_k + n_k * (mean_k - mean)^2)
+// (the parallel-axis form of Chan et al.: stable, as it only squares deviations of block means
+// from the overall mean, and free of divisions in the loop).
+template <typename CountFn>
+void merge_moments(int64_t K, CountFn count, const double* pmean, const double* pm2, int64_t stride,
+                   double* mean_out, double* m2_out) {
+  double n = 0, s = 0;
+  for (int64_t k = 0; k < K; ++k) {
+    n += count(k);
+    s += count(k) * pmean[k * stride];
   }
-};
+  const double mean = s / n;
+  double m2 = 0;
+  for (int64_t k = 0; k < K; ++k) {
+    const double d = pmean[k * stride] - mean;
+    m2 += pm2[k * stride] + count(k) * d * d;
+  }
+  *mean_out = mean;
+  *m2_out = m2;
+}
 
-// How the planar layout is cut: each (n, c) run of S values into `splits` blocks of `len`.
+// Each (n, c) run of S values is cut into `splits` blocks of at most `len`.
 struct PlaneBlocks {
   int64_t splits, len;
-  explicit PlaneBlocks(int64_t S) {
-    splits = (S + kPlaneBlock - 1) / kPlaneBlock;
-    len = (S + splits - 1) / splits;
-  }
+  explicit PlaneBlocks(int64_t S)
+      : splits(std::max<int64_t>(1, (S + kPlaneBlock - 1) / kPlaneBlock)), len((S + splits - 1) / splits) {}
+  int64_t start(int64_t k) const { return k * len; }
+  int64_t length(int64_t k, int64_t S) const { return std::min(len, S - k * len); }
 };
 
 int64_t rows_per_chunk(int64_t C) { return std::max<int64_t>(1, kRowsBlock / std::max<int64_t>(C, 1)); }
 
-// Per-channel mean and m2 (sum of squared deviations) over N*S values.
+// Whole channels per task when there are enough of them; else blocks, then a merge.
+bool parallel_over_channels(int64_t C) { return C >= 4 * int64_t(at::get_num_threads()); }
+
+// Calls f(c, n, k, offset, length) for every block of channel c, in a fixed order.
+template <typename F>
+void for_channel_blocks(const BatchNormLayout& L, const PlaneBlocks& pb, int64_t c, F&& f) {
+  for (int64_t n = 0; n < L.N; ++n)
+    for (int64_t k = 0; k < pb.splits; ++k) f(n, k, (n * L.C + c) * L.S + pb.start(k), pb.length(k, L.S));
+}
+
+// Per-channel (mean, m2) of a planar input, stable and deterministic.
 template <typename T>
-void channel_moments(const BatchNormLayout& L, const T* x, std::vector<double>& mean,
-                     std::vector<double>& m2) {
+void planar_moments(const BatchNormLayout& L, const T* x, double* mean, double* m2) {
   const auto& k = cpu::kernels_for<T>();
-  const int64_t N = L.N, C = L.C, S = L.S;
-  if (L.planar) {
-    const PlaneBlocks pb(S);
-    const int64_t per_c = N * pb.splits;
-    std::vector<double> pmean(C * per_c), pm2(C * per_c);
-    const int64_t grain = std::max<int64_t>(1, 32768 / pb.len);
-    at::parallel_for(0, C * per_c, grain, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        const int64_t c = b / per_c, r = b % per_c, n = r / pb.splits, s = r % pb.splits;
-        const int64_t start = s * pb.len, len = std::min(pb.len, S - start);
-        k.plane_stats(x + (n * C + c) * S + start, len, &pmean[b], &pm2[b]);
+  const PlaneBlocks pb(L.S);
+  const int64_t C = L.C, per_c = L.N * pb.splits;
+  auto block_count = [&](int64_t r) { return double(pb.length(r % pb.splits, L.S)); };
+  if (parallel_over_channels(C)) {
+    at::parallel_for(0, C, std::max<int64_t>(1, kGrainValues / L.per_channel()), [&](int64_t c0, int64_t c1) {
+      std::vector<double> bm(per_c), bm2(per_c);
+      for (int64_t c = c0; c < c1; ++c) {
+        for_channel_blocks(L, pb, c, [&](int64_t n, int64_t s, int64_t off, int64_t len) {
+          k.plane_stats(x + off, len, &bm[n * pb.splits + s], &bm2[n * pb.splits + s]);
+        });
+        merge_moments(per_c, block_count, bm.data(), bm2.data(), 1, &mean[c], &m2[c]);
       }
     });
-    at::parallel_for(0, C, 16, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) {
-        Moments mo;
-        for (int64_t r = 0; r < per_c; ++r) {
-          const int64_t s = r % pb.splits, len = std::min(pb.len, S - s * pb.len);
-          mo.add(double(len), pmean[c * per_c + r], pm2[c * per_c + r]);
+    return;
+  }
+  std::vector<double> pmean(C * per_c), pm2(C * per_c);
+  at::parallel_for(0, C * per_c, std::max<int64_t>(1, kGrainValues / pb.len), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t c = b / per_c, r = b % per_c, n = r / pb.splits, s = r % pb.splits;
+      k.plane_stats(x + (n * C + c) * L.S + pb.start(s), pb.length(s, L.S), &pmean[b], &pm2[b]);
+    }
+  });
+  for (int64_t c = 0; c < C; ++c)
+    merge_moments(per_c, block_count, &pmean[c * per_c], &pm2[c * per_c], 1, &mean[c], &m2[c]);
+}
+
+// Channel slices for the rows layout: with enough channels each task owns whole channels (one
+// parallel region, no cross-thread merge, and its slice stays in its core's cache); with few
+// channels a single slice, cut into row chunks that the threads share.
+struct ColumnSlices {
+  int64_t count, width;
+  explicit ColumnSlices(int64_t C) {
+    const int64_t threads = at::get_num_threads();
+    const int64_t w = C >= 32 * threads ? ((C + threads - 1) / threads + 15) / 16 * 16 : C;
+    width = std::max<int64_t>(1, w);
+    count = (C + width - 1) / width;
+  }
+  int64_t start(int64_t s) const { return s * width; }
+  int64_t length(int64_t s, int64_t C) const { return std::min(width, C - s * width); }
+};
+
+// Per-channel (mean, m2) of a rows (channels-innermost) input.
+template <typename T>
+void rows_moments(const BatchNormLayout& L, const T* x, double* mean, double* m2) {
+  const auto& k = cpu::kernels_for<T>();
+  const int64_t C = L.C, M = L.per_channel();
+  const ColumnSlices cs(C);
+  if (cs.count > 1) {
+    at::parallel_for(0, cs.count, 1, [&](int64_t s0, int64_t s1) {
+      for (int64_t s = s0; s < s1; ++s) {
+        const int64_t c0 = cs.start(s), W = cs.length(s, C);
+        const int64_t rows = rows_per_chunk(W), chunks = (M + rows - 1) / rows;
+        std::vector<double> pmean(chunks * W), pm2(chunks * W);
+        std::vector<cpu::acc_t<T>> scratch(2 * W);
+        for (int64_t q = 0; q < chunks; ++q) {
+          const int64_t r0 = q * rows;
+          k.rows_stats(x + r0 * C + c0, std::min(rows, M - r0), W, C, &pmean[q * W], &pm2[q * W], scratch.data());
         }
-        mean[c] = mo.mean;
-        m2[c] = mo.m2;
+        auto chunk_count = [&](int64_t q) { return double(std::min(rows, M - q * rows)); };
+        for (int64_t c = 0; c < W; ++c)
+          merge_moments(chunks, chunk_count, &pmean[c], &pm2[c], W, &mean[c0 + c], &m2[c0 + c]);
       }
     });
-  } else {
-    const int64_t M = N * S, rows = rows_per_chunk(C), chunks = (M + rows - 1) / rows;
-    std::vector<double> pmean(chunks * C), pm2(chunks * C);
-    at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
-      std::vector<cpu::acc_t<T>> scratch(2 * C);
-      for (int64_t q = k0; q < k1; ++q) {
-        const int64_t r0 = q * rows, nr = std::min(rows, M - r0);
-        k.rows_stats(x + r0 * C, nr, C, &pmean[q * C], &pm2[q * C], scratch.data());
-      }
-    });
-    at::parallel_for(0, C, 64, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) {
-        Moments mo;
-        for (int64_t q = 0; q < chunks; ++q)
-          mo.add(double(std::min(rows, M - q * rows)), pmean[q * C + c], pm2[q * C + c]);
-        mean[c] = mo.mean;
-        m2[c] = mo.m2;
-      }
-    });
+    return;
   }
+  const int64_t rows = rows_per_chunk(C), chunks = (M + rows - 1) / rows;
+  std::vector<double> pmean(chunks * C), pm2(chunks * C);
+  at::parallel_for(0, chunks, 1, [&](int64_t q0, int64_t q1) {
+    std::vector<cpu::acc_t<T>> scratch(2 * C);
+    for (int64_t q = q0; q < q1; ++q) {
+      const int64_t r0 = q * rows;
+      k.rows_stats(x + r0 * C, std::min(rows, M - r0), C, C, &pmean[q * C], &pm2[q * C], scratch.data());
+    }
+  });
+  auto chunk_count = [&](int64_t q) { return double(std::min(rows, M - q * rows)); };
+  for (int64_t c = 0; c < C; ++c) merge_moments(chunks, chunk_count, &pmean[c], &pm2[c], C, &mean[c], &m2[c]);
 }
 
-// y = (x - mean) * scale + shift, per channel.
-template <typename T>
-void normalize(const BatchNormLayout& L, const T* x, T* y, const std::vector<cpu::acc_t<T>>& mean,
-               const std::vector<cpu::acc_t<T>>& scale, const std::vector<cpu::acc_t<T>>& shift) {
-  const auto& k = cpu::kernels_for<T>();
-  const int64_t C = L.C, S = L.S;
+// Walks the layout in memory order: f(offset, length, channel) for planar runs, or
+// g(row0, nrows) for row chunks; parallel, each task a contiguous range.
+template <typename F, typename G>
+void for_each_span(const BatchNormLayout& L, F&& planar_fn, G&& rows_fn) {
   if (L.planar) {
-    const PlaneBlocks pb(S);
-    const int64_t grain = std::max<int64_t>(1, 32768 / pb.len);
-    at::parallel_for(0, L.N * C * pb.splits, grain, [&](int64_t b0, int64_t b1) {
+    const PlaneBlocks pb(L.S);
+    at::parallel_for(0, L.N * L.C * pb.splits, std::max<int64_t>(1, kGrainValues / pb.len), [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
-        const int64_t plane = b / pb.splits, c = plane % C, start = (b % pb.splits) * pb.len;
-        const int64_t off = plane * S + start, len = std::min(pb.len, S - start);
-        k.plane_normalize(x + off, y + off, len, mean[c], scale[c], shift[c]);
+        const int64_t plane = b / pb.splits, s = b % pb.splits;
+        planar_fn(plane * L.S + pb.start(s), pb.length(s, L.S), plane % L.C);
       }
     });
   } else {
-    const int64_t M = L.N * S, rows = rows_per_chunk(C);
+    const int64_t M = L.per_channel(), rows = rows_per_chunk(L.C);
     at::parallel_for(0, (M + rows - 1) / rows, 1, [&](int64_t q0, int64_t q1) {
-      for (int64_t q = q0; q < q1; ++q) {
-        const int64_t r0 = q * rows, nr = std::min(rows, M - r0);
-        k.rows_normalize(x + r0 * C, y + r0 * C, nr, C, mean.data(), scale.data(), shift.data());
-      }
+      for (int64_t q = q0; q < q1; ++q) rows_fn(q * rows, std::min(rows, M - q * rows));
     });
   }
 }
 
-template <typename A>
-std::vector<A> to_vector(const Tensor& t) {
-  const Tensor d = t.to(at::CppTypeToScalarType<A>::value).contiguous();
-  return std::vector<A>(d.data_ptr<A>(), d.data_ptr<A>() + d.numel());
+// Per-channel tensors <-> double vectors, in their own dtype and stride, no temporaries.
+std::vector<double> read_channels(const OptTensor& t, int64_t C, double fill) {
+  std::vector<double> v(C, fill);
+  if (!t.has_value() || !t->defined()) return v;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t->scalar_type(), "fastbn_read_channels", [&] {
+    const scalar_t* p = t->const_data_ptr<scalar_t>();
+    const int64_t st = t->stride(0);
+    for (int64_t c = 0; c < C; ++c) v[c] = double(p[c * st]);
+  });
+  return v;
 }
 
-template <typename A>
-Tensor from_vector(const std::vector<A>& v, const Tensor& like) {
-  return at::from_blob(const_cast<A*>(v.data()), {int64_t(v.size())}, at::CppTypeToScalarType<A>::value)
-      .to(like.options(), /*non_blocking=*/false, /*copy=*/true);
+void write_channels(const Tensor& t, const std::vector<double>& v) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "fastbn_write_channels", [&] {
+    scalar_t* p = t.data_ptr<scalar_t>();
+    const int64_t st = t.stride(0);
+    for (size_t c = 0; c < v.size(); ++c) p[c * st] = scalar_t(v[c]);
+  });
+}
+
+Tensor channel_tensor(const std::vector<double>& v, const Tensor& like, at::ScalarType dtype) {
+  Tensor t = at::empty({int64_t(v.size())}, like.options().dtype(dtype));
+  write_channels(t, v);
+  return t;
+}
+
+Tensor empty_like_layout(const BatchNormLayout& L) {
+  return cpu::empty_output(L.x.sizes(), L.x.scalar_type(), L.format);
 }
 
 std::tuple<Tensor, Tensor, Tensor> batch_norm_cpu(const Tensor& input, const OptTensor& weight,
                                                   const OptTensor& bias, const OptTensor& running_mean,
                                                   const OptTensor& running_var, bool training,
                                                   double momentum, double eps) {
-  check_batch_norm_args(kOp, input, weight, bias, running_mean, running_var, training,
+  check_batch_norm_args("fastbn.batch_norm", input, weight, bias, running_mean, running_var, training,
                         /*allow_half=*/false);
   const BatchNormLayout L = batch_norm_layout(input);
   const int64_t C = L.C, M = L.per_channel();
   const auto acc = acc_type(input.scalar_type());
-  Tensor out = at::empty(L.x.sizes(), L.x.options().memory_format(L.format));
+  Tensor out = empty_like_layout(L);
   const bool has_running = running_mean.has_value() && running_mean->defined();
 
-  Tensor save_mean, save_invstd;
-  std::vector<double> mean(C), var(C);  // var: the biased variance used to normalise
+  std::vector<double> mean(C, 0.0), var(C, 0.0);  // var: the biased variance used to normalise
   if (training) {
-    if (M == 0) {  // empty batch: nothing to normalise, running stats untouched (as torch)
-      return {out, at::zeros({C}, input.options().dtype(acc)), at::zeros({C}, input.options().dtype(acc))};
-    }
+    if (M == 0)  // empty batch: nothing to normalise, running stats untouched (as torch)
+      return {out, channel_tensor(mean, input, acc), channel_tensor(var, input, acc)};
     std::vector<double> m2(C);
     AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "fastbn_bn_stats", [&] {
       using T = typename KernelType<scalar_t>::type;
-      channel_moments<T>(L, reinterpret_cast<const T*>(L.x.const_data_ptr<scalar_t>()), mean, m2);
+      const T* x = reinterpret_cast<const T*>(L.x.const_data_ptr<scalar_t>());
+      if (L.planar) planar_moments<T>(L, x, mean.data(), m2.data());
+      else rows_moments<T>(L, x, mean.data(), m2.data());
     });
-    std::vector<double> unbiased(C);
-    for (int64_t c = 0; c < C; ++c) {
-      var[c] = m2[c] / double(M);
-      unbiased[c] = M > 1 ? m2[c] / double(M - 1) : NAN;
-    }
-    if (has_running) {
-      // running = (1 - momentum) * running + momentum * batch (unbiased variance)
-      at::NoGradGuard no_grad;
-      running_mean->mul_(1 - momentum).add_(from_vector(mean, *running_mean), momentum);
-      running_var->mul_(1 - momentum).add_(from_vector(unbiased, *running_var), momentum);
+    for (int64_t c = 0; c < C; ++c) var[c] = m2[c] / double(M);
+    if (has_running) {  // running = (1 - momentum) * running + momentum * batch (unbiased var)
+      std::vector<double> rm = read_channels(running_mean, C, 0), rv = read_channels(running_var, C, 0);
+      for (int64_t c = 0; c < C; ++c) {
+        rm[c] = (1 - momentum) * rm[c] + momentum * mean[c];
+        rv[c] = (1 - momentum) * rv[c] + momentum * (M > 1 ? m2[c] / double(M - 1) : NAN);
+      }
+      write_channels(*running_mean, rm);
+      write_channels(*running_var, rv);
     }
   } else {
-    mean = to_vector<double>(*running_mean);
-    var = to_vector<double>(*running_var);
+    mean = read_channels(running_mean, C, 0);
+    var = read_channels(running_var, C, 1);
   }
 
   std::vector<double> invstd(C);
   for (int64_t c = 0; c < C; ++c) invstd[c] = 1.0 / std::sqrt(var[c] + eps);
-  save_mean = from_vector(mean, at::empty({0}, input.options().dtype(acc)));
-  save_invstd = from_vector(invstd, save_mean);
+  Tensor save_mean = channel_tensor(mean, input, acc), save_invstd = channel_tensor(invstd, input, acc);
   if (M == 0) return {out, save_mean, save_invstd};
 
-  const std::vector<double> w = to_vector<double>(channel_values(weight, input, 1.0));
-  const std::vector<double> b = to_vector<double>(channel_values(bias, input, 0.0));
+  const std::vector<double> w = read_channels(weight, C, 1.0), b = read_channels(bias, C, 0.0);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "fastbn_bn_normalize", [&] {
     using T = typename KernelType<scalar_t>::type;
     using A = cpu::acc_t<T>;
+    const auto& k = cpu::kernels_for<T>();
     std::vector<A> m(C), scale(C), shift(C);
     for (int64_t c = 0; c < C; ++c) {
       m[c] = A(mean[c]);
       scale[c] = A(w[c] * invstd[c]);
       shift[c] = A(b[c]);
     }
-    normalize<T>(L, reinterpret_cast<const T*>(L.x.const_data_ptr<scalar_t>()),
-                 reinterpret_cast<T*>(out.data_ptr<scalar_t>()), m, scale, shift);
+    const T* x = reinterpret_cast<const T*>(L.x.const_data_ptr<scalar_t>());
+    T* y = reinterpret_cast<T*>(out.data_ptr<scalar_t>());
+    for_each_span(
+        L, [&](int64_t off, int64_t len, int64_t c) { k.plane_normalize(x + off, y + off, len, m[c], scale[c], shift[c]); },
+        [&](int64_t r0, int64_t nr) {
+          k.rows_normalize(x + r0 * C, y + r0 * C, nr, C, C, m.data(), scale.data(), shift.data());
+        });
   });
   return {out, save_mean, save_invstd};
 }
 
-// grad_output in the same memory layout as the (possibly copied) input.
-Tensor match_layout(const Tensor& grad_output, const BatchNormLayout& L) {
-  return grad_output.contiguous(L.format);
+// sum(dy) and sum(dy * (x - mean)) per channel.
+template <typename T>
+void grad_sums(const BatchNormLayout& L, const T* g, const T* x, const std::vector<cpu::acc_t<T>>& mu,
+               std::vector<double>& sdy, std::vector<double>& sdyxmu) {
+  using A = cpu::acc_t<T>;
+  const auto& k = cpu::kernels_for<T>();
+  const int64_t C = L.C;
+  if (L.planar) {
+    const PlaneBlocks pb(L.S);
+    const int64_t per_c = L.N * pb.splits;
+    auto channel = [&](int64_t c) {
+      double s1 = 0, s2 = 0;
+      for_channel_blocks(L, pb, c, [&](int64_t, int64_t, int64_t off, int64_t len) {
+        double b1, b2;
+        k.plane_grad_sums(g + off, x + off, len, mu[c], &b1, &b2);
+        s1 += b1;
+        s2 += b2;
+      });
+      sdy[c] = s1;
+      sdyxmu[c] = s2;
+    };
+    if (parallel_over_channels(C)) {
+      at::parallel_for(0, C, std::max<int64_t>(1, kGrainValues / L.per_channel()), [&](int64_t c0, int64_t c1) {
+        for (int64_t c = c0; c < c1; ++c) channel(c);
+      });
+      return;
+    }
+    std::vector<double> p1(C * per_c), p2(C * per_c);
+    at::parallel_for(0, C * per_c, std::max<int64_t>(1, kGrainValues / pb.len), [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t c = b / per_c, r = b % per_c, n = r / pb.splits, s = r % pb.splits;
+        const int64_t off = (n * C + c) * L.S + pb.start(s);
+        k.plane_grad_sums(g + off, x + off, pb.length(s, L.S), mu[c], &p1[b], &p2[b]);
+      }
+    });
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t r = 0; r < per_c; ++r) {
+        sdy[c] += p1[c * per_c + r];
+        sdyxmu[c] += p2[c * per_c + r];
+      }
+    return;
+  }
+  const int64_t M = L.per_channel();
+  const ColumnSlices cs(C);
+  if (cs.count > 1) {  // whole channels per task, as rows_moments
+    at::parallel_for(0, cs.count, 1, [&](int64_t s0, int64_t s1) {
+      for (int64_t s = s0; s < s1; ++s) {
+        const int64_t c0 = cs.start(s), W = cs.length(s, C);
+        const int64_t rows = rows_per_chunk(W);
+        std::vector<A> p1(W), p2(W);
+        for (int64_t r0 = 0; r0 < M; r0 += rows) {
+          k.rows_grad_sums(g + r0 * C + c0, x + r0 * C + c0, std::min(rows, M - r0), W, C, &mu[c0], p1.data(), p2.data());
+          for (int64_t c = 0; c < W; ++c) {
+            sdy[c0 + c] += p1[c];
+            sdyxmu[c0 + c] += p2[c];
+          }
+        }
+      }
+    });
+    return;
+  }
+  const int64_t rows = rows_per_chunk(C), chunks = (M + rows - 1) / rows;
+  std::vector<A> p1(chunks * C), p2(chunks * C);
+  at::parallel_for(0, chunks, 1, [&](int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1; ++q) {
+      const int64_t r0 = q * rows;
+      k.rows_grad_sums(g + r0 * C, x + r0 * C, std::min(rows, M - r0), C, C, mu.data(), &p1[q * C], &p2[q * C]);
+    }
+  });
+  for (int64_t q = 0; q < chunks; ++q)  // fixed order: deterministic
+    for (int64_t c = 0; c < C; ++c) {
+      sdy[c] += p1[q * C + c];
+      sdyxmu[c] += p2[q * C + c];
+    }
 }
 
-std::tuple<Tensor, Tensor> batch_norm_backward_reduce_cpu(const Tensor& grad_output,
-                                                          const Tensor& input, const Tensor& mean,
-                                                          const Tensor& invstd) {
+std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_backward_reduce_cpu(const Tensor& grad_output,
+                                                                          const Tensor& input, const Tensor& mean,
+                                                                          const Tensor& invstd, const OptTensor& weight) {
   const char* op = "fastbn.batch_norm_backward_reduce";
   check_batch_norm_backward_args(op, grad_output, input, mean, invstd);
+  check_channel_tensor(op, "weight", weight, input);
   const BatchNormLayout L = batch_norm_layout(input);
-  const Tensor dy = match_layout(grad_output, L);
-  const int64_t N = L.N, C = L.C, S = L.S;
+  const Tensor dy = grad_output.contiguous(L.format);
+  const int64_t C = L.C;
   std::vector<double> sdy(C, 0.0), sdyxmu(C, 0.0);
   if (L.per_channel() > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "fastbn_bn_bwd_reduce", [&] {
       using T = typename KernelType<scalar_t>::type;
       using A = cpu::acc_t<T>;
-      const auto& k = cpu::kernels_for<T>();
-      const T* x = reinterpret_cast<const T*>(L.x.const_data_ptr<scalar_t>());
-      const T* g = reinterpret_cast<const T*>(dy.const_data_ptr<scalar_t>());
-      const std::vector<A> mu = to_vector<A>(mean);
-      if (L.planar) {
-        const PlaneBlocks pb(S);
-        const int64_t per_c = N * pb.splits;
-        std::vector<double> p1(C * per_c), p2(C * per_c);
-        at::parallel_for(0, C * per_c, std::max<int64_t>(1, 32768 / pb.len), [&](int64_t b0, int64_t b1) {
-          for (int64_t b = b0; b < b1; ++b) {
-            const int64_t c = b / per_c, r = b % per_c, n = r / pb.splits;
-            const int64_t start = (r % pb.splits) * pb.len, len = std::min(pb.len, S - start);
-            const int64_t off = (n * C + c) * S + start;
-            k.plane_grad_sums(g + off, x + off, len, mu[c], &p1[b], &p2[b]);
-          }
-        });
-        for (int64_t c = 0; c < C; ++c)
-          for (int64_t r = 0; r < per_c; ++r) {
-            sdy[c] += p1[c * per_c + r];
-            sdyxmu[c] += p2[c * per_c + r];
-          }
-      } else {
-        const int64_t M = N * S, rows = rows_per_chunk(C), chunks = (M + rows - 1) / rows;
-        std::vector<A> p1(chunks * C), p2(chunks * C);
-        at::parallel_for(0, chunks, 1, [&](int64_t q0, int64_t q1) {
-          for (int64_t q = q0; q < q1; ++q) {
-            const int64_t r0 = q * rows, nr = std::min(rows, M - r0);
-            k.rows_grad_sums(g + r0 * C, x + r0 * C, nr, C, mu.data(), &p1[q * C], &p2[q * C]);
-          }
-        });
-        for (int64_t q = 0; q < chunks; ++q)
-          for (int64_t c = 0; c < C; ++c) {
-            sdy[c] += p1[q * C + c];
-            sdyxmu[c] += p2[q * C + c];
-          }
-      }
+      const std::vector<double> m = read_channels(mean, C, 0);
+      grad_sums<T>(L, reinterpret_cast<const T*>(dy.const_data_ptr<scalar_t>()),
+                   reinterpret_cast<const T*>(L.x.const_data_ptr<scalar_t>()), std::vector<A>(m.begin(), m.end()),
+                   sdy, sdyxmu);
     });
   }
-  return {from_vector(sdy, mean), from_vector(sdyxmu, mean)};
+  // grad_weight = sum(dy * x_hat) = sum(dy * (x - mean)) * invstd;  grad_bias = sum(dy)
+  const std::vector<double> is = read_channels(invstd, C, 1);
+  std::vector<double> gw(C);
+  for (int64_t c = 0; c < C; ++c) gw[c] = sdyxmu[c] * is[c];
+  const auto acc = mean.scalar_type();
+  const auto pdtype = weight.has_value() && weight->defined() ? weight->scalar_type() : acc;
+  return {channel_tensor(sdy, mean, acc), channel_tensor(sdyxmu, mean, acc), channel_tensor(gw, mean, pdtype),
+          channel_tensor(sdy, mean, pdtype)};
 }
 
-Tensor batch_norm_backward_input_cpu(const Tensor& grad_output, const Tensor& input,
-                                     const Tensor& mean, const Tensor& invstd, const OptTensor& weight,
-                                     const OptTensor& sum_dy, const OptTensor& sum_dy_xmu) {
+Tensor batch_norm_backward_input_cpu(const Tensor& grad_output, const Tensor& input, const Tensor& mean,
+                                     const Tensor& invstd, const OptTensor& weight, const OptTensor& sum_dy,
+                                     const OptTensor& sum_dy_xmu) {
   const char* op = "fastbn.batch_norm_backward_input";
   check_batch_norm_backward_args(op, grad_output, input, mean, invstd);
   check_channel_tensor(op, "weight", weight, input);
@@ -274,54 +389,36 @@ Tensor batch_norm_backward_input_cpu(const Tensor& grad_output, const Tensor& in
   TORCH_CHECK(training == (sum_dy_xmu.has_value() && sum_dy_xmu->defined()), op,
               ": sum_dy and sum_dy_xmu must both be given (training) or both be None (eval)");
   const BatchNormLayout L = batch_norm_layout(input);
-  const Tensor dy = match_layout(grad_output, L);
-  Tensor dx = at::empty(L.x.sizes(), L.x.options().memory_format(L.format));
-  const int64_t C = L.C, S = L.S, M = L.per_channel();
+  const Tensor dy = grad_output.contiguous(L.format);
+  Tensor dx = empty_like_layout(L);
+  const int64_t C = L.C, M = L.per_channel();
   if (M == 0) return dx;
 
-  const std::vector<double> w = to_vector<double>(channel_values(weight, input, 1.0));
-  const std::vector<double> is = to_vector<double>(invstd);
-  std::vector<double> a(C), b(C, 0.0), c(C, 0.0);
-  std::vector<double> s1, s2;
-  if (training) {
-    s1 = to_vector<double>(*sum_dy);
-    s2 = to_vector<double>(*sum_dy_xmu);
-  }
-  for (int64_t j = 0; j < C; ++j) {
-    a[j] = w[j] * is[j];
-    if (training) {  // dx = a * (dy - sum_dy/M - (x - mean) * invstd^2 * sum_dy_xmu/M)
-      b[j] = a[j] * is[j] * is[j] * s2[j] / double(M);
-      c[j] = a[j] * s1[j] / double(M);
-    }
-  }
+  // dx = a * dy - (x - mean) * b - c, with a = weight * invstd and, in training,
+  //      b = a * invstd^2 * sum_dy_xmu / M,  c = a * sum_dy / M
+  const std::vector<double> w = read_channels(weight, C, 1.0), is = read_channels(invstd, C, 1.0);
+  const std::vector<double> s1 = read_channels(sum_dy, C, 0.0), s2 = read_channels(sum_dy_xmu, C, 0.0);
+  const std::vector<double> mu = read_channels(mean, C, 0.0);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "fastbn_bn_bwd_input", [&] {
     using T = typename KernelType<scalar_t>::type;
     using A = cpu::acc_t<T>;
     const auto& k = cpu::kernels_for<T>();
+    std::vector<A> m(C), a(C), b(C), c(C);
+    for (int64_t j = 0; j < C; ++j) {
+      const double aj = w[j] * is[j];
+      m[j] = A(mu[j]);
+      a[j] = A(aj);
+      b[j] = A(aj * is[j] * is[j] * s2[j] / double(M));
+      c[j] = A(aj * s1[j] / double(M));
+    }
     const T* x = reinterpret_cast<const T*>(L.x.const_data_ptr<scalar_t>());
     const T* g = reinterpret_cast<const T*>(dy.const_data_ptr<scalar_t>());
     T* d = reinterpret_cast<T*>(dx.data_ptr<scalar_t>());
-    const std::vector<A> mu = to_vector<A>(mean);
-    const std::vector<A> av(a.begin(), a.end()), bv(b.begin(), b.end()), cv(c.begin(), c.end());
-    if (L.planar) {
-      const PlaneBlocks pb(S);
-      at::parallel_for(0, L.N * C * pb.splits, std::max<int64_t>(1, 32768 / pb.len), [&](int64_t b0, int64_t b1) {
-        for (int64_t blk = b0; blk < b1; ++blk) {
-          const int64_t plane = blk / pb.splits, ch = plane % C, start = (blk % pb.splits) * pb.len;
-          const int64_t off = plane * S + start, len = std::min(pb.len, S - start);
-          k.plane_grad_input(g + off, x + off, d + off, len, mu[ch], av[ch], bv[ch], cv[ch]);
-        }
-      });
-    } else {
-      const int64_t rows = rows_per_chunk(C);
-      at::parallel_for(0, (M + rows - 1) / rows, 1, [&](int64_t q0, int64_t q1) {
-        for (int64_t q = q0; q < q1; ++q) {
-          const int64_t r0 = q * rows, nr = std::min(rows, M - r0);
-          k.rows_grad_input(g + r0 * C, x + r0 * C, d + r0 * C, nr, C, mu.data(), av.data(),
-                            bv.data(), cv.data());
-        }
-      });
-    }
+    for_each_span(
+        L, [&](int64_t off, int64_t len, int64_t j) { k.plane_grad_input(g + off, x + off, d + off, len, m[j], a[j], b[j], c[j]); },
+        [&](int64_t r0, int64_t nr) {
+          k.rows_grad_input(g + r0 * C, x + r0 * C, d + r0 * C, nr, C, C, m.data(), a.data(), b.data(), c.data());
+        });
   });
   return dx;
 }

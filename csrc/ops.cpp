@@ -4,6 +4,7 @@
 #include <torch/extension.h>
 
 #include "cpu/kernels.h"
+#include "cpu/output_allocator.h"
 
 TORCH_LIBRARY(fastbn, m) {
   // Forward of BatchNorm. Returns (output, save_mean, save_invstd); in training the batch
@@ -12,11 +13,12 @@ TORCH_LIBRARY(fastbn, m) {
   m.def(
       "batch_norm(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
       "Tensor(b!)? running_var, bool training, float momentum, float eps) -> (Tensor, Tensor, Tensor)");
-  // Per-channel sum(dy) and sum(dy * (x - mean)): the weight/bias gradients, and what the
-  // training-mode input gradient needs.
+  // Per-channel sums over the batch: (sum_dy, sum_dy_xmu, grad_weight, grad_bias), with
+  // sum_dy_xmu = sum(dy * (x - mean)); the first two are what the training-mode input gradient
+  // needs, the last two come in weight's dtype (the accumulation dtype without weight).
   m.def(
-      "batch_norm_backward_reduce(Tensor grad_output, Tensor input, Tensor mean, Tensor invstd) "
-      "-> (Tensor, Tensor)");
+      "batch_norm_backward_reduce(Tensor grad_output, Tensor input, Tensor mean, Tensor invstd, "
+      "Tensor? weight) -> (Tensor, Tensor, Tensor, Tensor)");
   // Input gradient. With sum_dy/sum_dy_xmu (training) the statistics' dependence on the input
   // is included; without them (eval) the statistics are constants.
   m.def(
@@ -45,8 +47,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_cuda(const at::Tensor&, const 
                                                        const std::optional<at::Tensor>&, bool, double, double) {
   no_cuda();
 }
-std::tuple<at::Tensor, at::Tensor> bn_reduce_cuda(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                  const at::Tensor&) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_reduce_cuda(const at::Tensor&, const at::Tensor&,
+                                                                          const at::Tensor&, const at::Tensor&,
+                                                                          const std::optional<at::Tensor>&) {
   no_cuda();
 }
 at::Tensor bn_input_cuda(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
@@ -85,4 +88,9 @@ PYBIND11_MODULE(_C, mod) {
   mod.def("cpu_isa", [] { return std::string(fastbn::cpu::kernels().isa); },
           "The instruction set of the CPU loops in use (chosen at load time)");
   mod.def("num_threads", [] { return at::get_num_threads(); });
+  mod.def("cpu_cache_stats", [] {
+    const auto s = fastbn::cpu::cache_stats();
+    return std::make_tuple(s.cached_bytes, s.hits, s.misses);
+  }, "(cached bytes, hits, misses) of the cache of large CPU outputs");
+  mod.def("empty_cpu_cache", &fastbn::cpu::empty_cache, "Return the cached CPU output blocks to the system");
 }

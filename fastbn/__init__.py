@@ -51,4 +51,15 @@ def build_info() -> dict:
     }
 
 
-__all__ = ["functional", "nn", "ops", "convert", "build_info", "__version__"]
+def empty_cache() -> None:
+    """Return the cached blocks of large CPU outputs to the system (see csrc/cpu/output_allocator.h)."""
+    _C.empty_cpu_cache()
+
+
+def cpu_cache_stats() -> dict:
+    """Bytes held by the cache of large CPU outputs, and its hit/miss counts."""
+    cached, hits, misses = _C.cpu_cache_stats()
+    return {"cached_bytes": cached, "hits": hits, "misses": misses}
+
+
+__all__ = ["functional", "nn", "ops", "convert", "build_info", "empty_cache", "cpu_cache_stats", "__version__"]

@@ -33,8 +33,9 @@ def _(input, weight, bias, running_mean, running_var, training, momentum, eps):
 
 
 @torch.library.register_fake("fastbn::batch_norm_backward_reduce")
-def _(grad_output, input, mean, invstd):
-    return torch.empty_like(mean), torch.empty_like(mean)
+def _(grad_output, input, mean, invstd, weight):
+    param = torch.empty_like(mean, dtype=weight.dtype if weight is not None else mean.dtype)
+    return torch.empty_like(mean), torch.empty_like(mean), param, torch.empty_like(param)
 
 
 @torch.library.register_fake("fastbn::batch_norm_backward_input")
@@ -61,36 +62,37 @@ class BatchNormFunction(torch.autograd.Function):
     """y = (x - mean) * invstd * weight + bias, with the backward of the study's section 3.2:
     dx = weight * invstd * (dy - mean(dy) - x_hat * mean(dy * x_hat))."""
 
+    # forward(ctx, ...) rather than forward + setup_context: apply() then skips binding the
+    # arguments with inspect.signature, which costs more than the op at MLP sizes.
     @staticmethod
-    def forward(input, weight, bias, running_mean, running_var, training, momentum, eps):
-        return _ops.batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        input, weight, bias, *_ , training, _momentum, _eps = inputs
-        _, mean, invstd = output
+    def forward(ctx, input, weight, bias, running_mean, running_var, training, momentum, eps):
+        out, mean, invstd = _ops.batch_norm(input, weight, bias, running_mean, running_var, training,
+                                            momentum, eps)
         ctx.save_for_backward(input, weight, mean, invstd)
         ctx.training = training
         ctx.mark_non_differentiable(mean, invstd)
+        ctx.set_materialize_grads(False)  # no zero-filled gradients for mean and invstd
+        return out, mean, invstd
 
     @staticmethod
     def backward(ctx, grad_output, _grad_mean, _grad_invstd):
+        if grad_output is None:  # the output did not reach the loss
+            return (None,) * 8
         input, weight, mean, invstd = ctx.saved_tensors
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_input = grad_weight = grad_bias = None
         sum_dy = sum_dy_xmu = None
         if need_weight or need_bias or (need_input and ctx.training):
-            sum_dy, sum_dy_xmu = _ops.batch_norm_backward_reduce(grad_output, input, mean, invstd)
+            sum_dy, sum_dy_xmu, grad_weight, grad_bias = _ops.batch_norm_backward_reduce(
+                grad_output, input, mean, invstd, weight
+            )
         if need_input:
             grad_input = _ops.batch_norm_backward_input(
                 grad_output, input, mean, invstd, weight,
                 sum_dy if ctx.training else None, sum_dy_xmu if ctx.training else None,
             )
-        if need_weight:
-            grad_weight = (sum_dy_xmu * invstd).to(weight.dtype)
-        if need_bias:
-            grad_bias = sum_dy.to(weight.dtype if weight is not None else input.dtype)
-        return grad_input, grad_weight, grad_bias, None, None, None, None, None
+        return (grad_input, grad_weight if need_weight else None, grad_bias if need_bias else None,
+                None, None, None, None, None)
 
 
 class LinearLeakyReLUFunction(torch.autograd.Function):

@@ -189,8 +189,8 @@ def _sample_calls(device):
         _, mean, invstd = torch.ops.fastbn.batch_norm(*[a.clone() if isinstance(a, torch.Tensor) else a for a in args])
         inp, weight = args[0], args[1]
         g = torch.randn_like(inp)
-        out.append((torch.ops.fastbn.batch_norm_backward_reduce.default, (g, inp, mean, invstd)))
-        sdy, sdyxmu = torch.ops.fastbn.batch_norm_backward_reduce(g, inp, mean, invstd)
+        out.append((torch.ops.fastbn.batch_norm_backward_reduce.default, (g, inp, mean, invstd, weight)))
+        sdy, sdyxmu, _, _ = torch.ops.fastbn.batch_norm_backward_reduce(g, inp, mean, invstd, weight)
         out.append((torch.ops.fastbn.batch_norm_backward_input.default, (g, inp, mean, invstd, weight, sdy, sdyxmu)))
         out.append((torch.ops.fastbn.batch_norm_backward_input.default, (g, inp, mean, invstd, weight, None, None)))
     return out

@@ -40,15 +40,15 @@ struct Kernels {
   // dx = dy * a - (x - mean) * b - c   (eval: b = c = 0)
   void (*plane_grad_input)(const T* dy, const T* x, T* dx, int64_t n, A mean, A a, A b, A c);
 
-  // --- BatchNorm, channels innermost: a block of `rows` rows of C channels -----------------
+  // --- BatchNorm, channels innermost: `rows` rows of C channels, `stride` apart ----------------
   // per-channel mean/m2 of the block; scratch holds 2*C values
-  void (*rows_stats)(const T* x, int64_t rows, int64_t C, double* mean, double* m2, A* scratch);
-  void (*rows_normalize)(const T* x, T* y, int64_t rows, int64_t C, const A* mean,
+  void (*rows_stats)(const T* x, int64_t rows, int64_t C, int64_t stride, double* mean, double* m2, A* scratch);
+  void (*rows_normalize)(const T* x, T* y, int64_t rows, int64_t C, int64_t stride, const A* mean,
                          const A* scale, const A* shift);
   // per-channel sums of the block, written (not accumulated) to sdy/sdyxmu
-  void (*rows_grad_sums)(const T* dy, const T* x, int64_t rows, int64_t C, const A* mean,
+  void (*rows_grad_sums)(const T* dy, const T* x, int64_t rows, int64_t C, int64_t stride, const A* mean,
                          A* sdy, A* sdyxmu);
-  void (*rows_grad_input)(const T* dy, const T* x, T* dx, int64_t rows, int64_t C,
+  void (*rows_grad_input)(const T* dy, const T* x, T* dx, int64_t rows, int64_t C, int64_t stride,
                           const A* mean, const A* a, const A* b, const A* c);
 
   // --- Linear + LeakyReLU epilogues on a (rows, N) block ------------------------------------

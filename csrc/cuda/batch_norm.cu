@@ -359,15 +359,23 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_cuda(const Tensor& input, const Op
   return {out, save_mean, save_invstd};
 }
 
-std::tuple<Tensor, Tensor> batch_norm_backward_reduce_cuda(const Tensor& grad_output, const Tensor& input,
-                                                           const Tensor& mean, const Tensor& invstd) {
-  check_batch_norm_backward_args("fastbn.batch_norm_backward_reduce", grad_output, input, mean, invstd);
+std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_backward_reduce_cuda(const Tensor& grad_output,
+                                                                           const Tensor& input, const Tensor& mean,
+                                                                           const Tensor& invstd, const OptTensor& weight) {
+  const char* op = "fastbn.batch_norm_backward_reduce";
+  check_batch_norm_backward_args(op, grad_output, input, mean, invstd);
+  check_channel_tensor(op, "weight", weight, input);
+  const auto pdtype = weight.has_value() && weight->defined() ? weight->scalar_type() : mean.scalar_type();
   const c10::cuda::CUDAGuard guard(input.device());
   const BatchNormLayout L = batch_norm_layout(input);
   const Tensor dy = grad_output.contiguous(L.format);
   const int64_t C = L.C;
   Tensor sum_dy = at::zeros_like(mean), sum_dy_xmu = at::zeros_like(mean);
-  if (L.per_channel() == 0) return {sum_dy, sum_dy_xmu};
+  // grad_weight = sum(dy * (x - mean)) * invstd, grad_bias = sum(dy)
+  auto with_params = [&] {
+    return std::make_tuple(sum_dy, sum_dy_xmu, (sum_dy_xmu * invstd).to(pdtype), sum_dy.to(pdtype, false, true));
+  };
+  if (L.per_channel() == 0) return with_params();
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fastbn_bn_bwd_reduce_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -381,7 +389,7 @@ std::tuple<Tensor, Tensor> batch_norm_backward_reduce_cuda(const Tensor& grad_ou
         sum_dy.data_ptr<acc_t>(), sum_dy_xmu.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {sum_dy, sum_dy_xmu};
+  return with_params();
 }
 
 Tensor batch_norm_backward_input_cuda(const Tensor& grad_output, const Tensor& input, const Tensor& mean,
