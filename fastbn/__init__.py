@@ -5,9 +5,12 @@
     model = fastbn.convert(torchvision_model)      # swap every torch BatchNorm for ours
     fastbn.build_info()                            # what this build contains
 """
-import torch
-
 __version__ = "0.1.0"
+
+try:
+    import torch
+except ImportError:  # the NumPy parts (fastbn.numpy_mlp, fastbn.data) work without torch
+    torch = None
 
 
 def _load_library():
@@ -31,11 +34,11 @@ def _load_library():
     return _C
 
 
-_C = _load_library()
-
-from fastbn import ops  # noqa: E402  (registers fake kernels: needs the schemas loaded above)
-from fastbn import functional, nn  # noqa: E402
-from fastbn.nn import convert  # noqa: E402
+if torch is not None:
+    _C = _load_library()
+    from fastbn import ops  # noqa: E402  (registers fake kernels: needs the schemas loaded above)
+    from fastbn import functional, nn  # noqa: E402
+    from fastbn.nn import convert  # noqa: E402
 
 
 def build_info() -> dict:
