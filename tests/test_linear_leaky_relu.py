@@ -1,0 +1,162 @@
+"""Fused Linear + LeakyReLU against F.leaky_relu(F.linear(...)) in float64, gradcheck, opcheck,
+compile, errors, and the nn module's compatibility with nn.Linear."""
+import pytest
+import torch
+import torch.nn.functional as TF
+
+import fastbn
+from fastbn import functional as F
+from conftest import CUDA, DEVICES, dtypes_for
+
+REL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+
+SHAPES = [  # (input shape, out_features)
+    ((200, 3072), 100),   # the MLP's first layer
+    ((200, 100), 10),
+    ((1, 7), 5),          # batch 1
+    ((9, 1), 4),          # one input feature
+    ((6, 5), 1),          # one output feature
+    ((2, 3, 4, 13), 11),  # extra leading dims
+    ((0, 4), 3),          # empty batch
+]
+SLOPES = [0.0, 0.01, 0.2, 1.0, -0.3]
+
+
+def reference(x, w, b, slope):
+    return TF.leaky_relu(TF.linear(x, w, b), slope)
+
+
+def assert_rel(actual, expected, dtype, what, scale):
+    err = (actual.double() - expected.double()).abs().max().item() if actual.numel() else 0.0
+    assert err <= REL[dtype] * max(scale, 1e-6), f"{what}: error {err:.3g}, scale {scale:.3g} ({dtype})"
+
+
+CASES = [(shape, n_out, slope, bias, dtype, device)
+         for device in ("cpu", "cuda")
+         for dtype in dtypes_for(device)
+         for shape, n_out in SHAPES
+         for slope in SLOPES
+         for bias in (True, False)]
+
+
+@pytest.mark.parametrize(
+    "shape,n_out,slope,bias,dtype,device",
+    [pytest.param(*c, marks=pytest.mark.skipif(c[-1] == "cuda" and not CUDA, reason="needs CUDA")) for c in CASES],
+)
+def test_matches_torch_float64(shape, n_out, slope, bias, dtype, device):
+    n_in = shape[-1]
+    x = torch.randn(shape, dtype=torch.float64).to(device, dtype).requires_grad_()
+    w = (torch.randn(n_out, n_in, dtype=torch.float64) / n_in ** 0.5).to(device, dtype).requires_grad_()
+    b = torch.randn(n_out, dtype=torch.float64).to(device, dtype).requires_grad_() if bias else None
+    y = F.linear_leaky_relu(x, w, b, slope)
+    xr, wr = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    br = b.detach().double().requires_grad_() if bias else None
+    y_ref = reference(xr, wr, br, slope)
+    assert y.dtype == dtype and y.shape == y_ref.shape
+
+    # Rounding grows with the reduction length: scale each check by the size of its terms.
+    scale_out = (xr.abs() @ wr.abs().t()).max().item() + (br.abs().max().item() if bias else 0) if y.numel() else 1
+    assert_rel(y, y_ref, dtype, "output", scale_out)
+    # Where the pre-activation is within rounding of 0 its sign (and so the slope applied) is a
+    # coin toss in low precision: no gradient flows from those elements in this comparison.
+    z64 = TF.linear(xr, wr, br).detach()
+    g = torch.randn_like(y_ref).masked_fill(z64.abs() <= 2 * REL[dtype] * scale_out, 0).to(dtype)
+    inputs, ref_inputs = (x, w) + ((b,) if bias else ()), (xr, wr) + ((br,) if bias else ())
+    grads = torch.autograd.grad(y, inputs, g, allow_unused=True)
+    grads_ref = torch.autograd.grad(y_ref, ref_inputs, g.double(), allow_unused=True)
+    gabs = g.double().abs()
+    scales = [(gabs.reshape(-1, n_out) @ wr.abs()).max().item() if g.numel() else 1,
+              (gabs.reshape(-1, n_out).t() @ xr.abs().reshape(-1, n_in)).max().item() if g.numel() else 1,
+              gabs.reshape(-1, n_out).sum(0).max().item() if g.numel() else 1]
+    for name, a, e, s in zip(("grad_input", "grad_weight", "grad_bias"), grads, grads_ref, scales):
+        assert a.shape == e.shape and a.dtype == dtype
+        assert_rel(a, e, dtype, name, s)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("slope", [0.02, 0.0, -0.5])
+def test_gradcheck_float64(device, slope):
+    x = torch.randn(5, 3, 4, dtype=torch.float64, device=device, requires_grad=True)
+    w = torch.randn(6, 4, dtype=torch.float64, device=device, requires_grad=True)
+    b = torch.randn(6, dtype=torch.float64, device=device, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w, b: F.linear_leaky_relu(x, w, b, slope), (x, w, b))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_skips_unrequested_gradients(device):
+    x = torch.randn(8, 5, device=device)  # no grad: the input gradient is not computed
+    lin = fastbn.nn.LinearLeakyReLU(5, 3, device=device)
+    lin.bias.requires_grad_(False)
+    lin(x).sum().backward()
+    assert x.grad is None and lin.bias.grad is None and lin.weight.grad is not None
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    for dtype in (torch.float32, torch.float64):
+        x = torch.randn(7, 6, device=device, dtype=dtype)
+        w = torch.randn(4, 6, device=device, dtype=dtype)
+        b = torch.randn(4, device=device, dtype=dtype)
+        for args in [(x, w, b, 0.01), (x.reshape(7, 2, 3).transpose(1, 2).reshape(7, 6), w, None, 0.2)]:
+            torch.library.opcheck(torch.ops.fastbn.linear_leaky_relu.default, args)
+        y = torch.ops.fastbn.linear_leaky_relu(x, w, b, 0.01)
+        torch.library.opcheck(torch.ops.fastbn.leaky_relu_backward_bias.default, (torch.randn_like(y), y, 0.01))
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compile_fullgraph_matches_eager(backend):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(fastbn.nn.LinearLeakyReLU(12, 8, negative_slope=0.02), torch.nn.Linear(8, 3))
+    compiled = torch.compile(model, fullgraph=True, backend=backend)
+    x = torch.randn(5, 12)
+    torch.testing.assert_close(compiled(x), model(x))
+    ga = torch.autograd.grad(model(x).square().sum(), list(model.parameters()))
+    gb = torch.autograd.grad(compiled(x).square().sum(), list(model.parameters()))
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
+def test_module_loads_nn_linear_state_both_ways():
+    lin = torch.nn.Linear(10, 4)
+    ours = fastbn.nn.LinearLeakyReLU(10, 4, negative_slope=0.1)
+    assert set(ours.state_dict()) == set(lin.state_dict())
+    ours.load_state_dict(lin.state_dict())
+    x = torch.randn(3, 10)
+    torch.testing.assert_close(ours(x), TF.leaky_relu(lin(x), 0.1))
+    back = torch.nn.Linear(10, 4)
+    back.load_state_dict(ours.state_dict())
+    torch.testing.assert_close(back.weight, lin.weight)
+    assert "negative_slope=0.1" in repr(ours)
+
+
+def test_module_initialisation_matches_nn_linear():
+    torch.manual_seed(3)
+    a = torch.nn.Linear(30, 20)
+    torch.manual_seed(3)
+    b = fastbn.nn.LinearLeakyReLU(30, 20)
+    torch.testing.assert_close(a.weight, b.weight)
+    torch.testing.assert_close(a.bias, b.bias)
+
+
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda: (torch.randn(4, 5), torch.randn(3, 6), None), "in_features=5"),
+        (lambda: (torch.randn(4, 5), torch.randn(3, 5, 1), None), "weight of shape \\(out_features, in_features\\)"),
+        (lambda: (torch.randn(4, 5), torch.randn(3, 5), torch.randn(4)), "bias of shape \\[3\\]"),
+        (lambda: (torch.randn(4, 5), torch.randn(3, 5, dtype=torch.float64), None), "weight of dtype Float"),
+        (lambda: (torch.randn(4, 5), torch.randn(3, 5), torch.randn(3, dtype=torch.float64)), "bias of dtype Float"),
+        (lambda: (torch.randint(0, 3, (4, 5)), torch.randint(0, 3, (3, 5)), None), "floating point input"),
+        (lambda: (torch.tensor(1.0), torch.randn(3, 1), None), "0-dim"),
+    ],
+)
+def test_bad_input_raises_clear_error(make, match):
+    x, w, b = make()
+    with pytest.raises(RuntimeError, match=match):
+        F.linear_leaky_relu(x, w, b)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_wrong_device():
+    with pytest.raises(RuntimeError, match="same device"):
+        F.linear_leaky_relu(torch.randn(4, 5, device="cuda"), torch.randn(3, 5), None)
