@@ -14,7 +14,7 @@
 #include <vector>
 
 #include "checks.h"
-#include "cpu/kernels.h"
+#include "cpu/kernel_type.h"
 #include "cpu/output_allocator.h"
 
 namespace fastbn {
@@ -23,15 +23,6 @@ namespace {
 constexpr int64_t kPlaneBlock = 4096;  // values of one channel per block (fits L1)
 constexpr int64_t kRowsBlock = 65536;  // values per row-chunk in the channels-innermost layout (L2)
 constexpr int64_t kGrainValues = 32768;  // below this, a parallel region runs inline
-
-template <typename scalar_t>
-struct KernelType {
-  using type = scalar_t;
-};
-template <>
-struct KernelType<c10::BFloat16> {
-  using type = cpu::bf16;
-};
 
 // Merges K partial (count, mean, m2) of one channel, in a fixed order:
 //   mean = sum(n_k * mean_k) / n,   m2 = sum(m2_k + n_k * (mean_k - mean)^2)
@@ -226,7 +217,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_cpu(const Tensor& input, const Opt
       return {out, channel_tensor(mean, input, acc), channel_tensor(var, input, acc)};
     std::vector<double> m2(C);
     AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "fastbn_bn_stats", [&] {
-      using T = typename KernelType<scalar_t>::type;
+      using T = cpu::kernel_type<scalar_t>;
       const T* x = reinterpret_cast<const T*>(L.x.const_data_ptr<scalar_t>());
       if (L.planar) planar_moments<T>(L, x, mean.data(), m2.data());
       else rows_moments<T>(L, x, mean.data(), m2.data());
@@ -253,7 +244,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_cpu(const Tensor& input, const Opt
 
   const std::vector<double> w = read_channels(weight, C, 1.0), b = read_channels(bias, C, 0.0);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "fastbn_bn_normalize", [&] {
-    using T = typename KernelType<scalar_t>::type;
+    using T = cpu::kernel_type<scalar_t>;
     using A = cpu::acc_t<T>;
     const auto& k = cpu::kernels_for<T>();
     std::vector<A> m(C), scale(C), shift(C);
@@ -361,7 +352,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_backward_reduce_cpu(const 
   std::vector<double> sdy(C, 0.0), sdyxmu(C, 0.0);
   if (L.per_channel() > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "fastbn_bn_bwd_reduce", [&] {
-      using T = typename KernelType<scalar_t>::type;
+      using T = cpu::kernel_type<scalar_t>;
       using A = cpu::acc_t<T>;
       const std::vector<double> m = read_channels(mean, C, 0);
       grad_sums<T>(L, reinterpret_cast<const T*>(dy.const_data_ptr<scalar_t>()),
@@ -383,11 +374,8 @@ Tensor batch_norm_backward_input_cpu(const Tensor& grad_output, const Tensor& in
                                      const Tensor& invstd, const OptTensor& weight, const OptTensor& sum_dy,
                                      const OptTensor& sum_dy_xmu) {
   const char* op = "fastbn.batch_norm_backward_input";
-  check_batch_norm_backward_args(op, grad_output, input, mean, invstd);
-  check_channel_tensor(op, "weight", weight, input);
-  const bool training = sum_dy.has_value() && sum_dy->defined();
-  TORCH_CHECK(training == (sum_dy_xmu.has_value() && sum_dy_xmu->defined()), op,
-              ": sum_dy and sum_dy_xmu must both be given (training) or both be None (eval)");
+  const bool training =
+      check_batch_norm_backward_input_args(op, grad_output, input, mean, invstd, weight, sum_dy, sum_dy_xmu);
   const BatchNormLayout L = batch_norm_layout(input);
   const Tensor dy = grad_output.contiguous(L.format);
   Tensor dx = empty_like_layout(L);
@@ -400,7 +388,7 @@ Tensor batch_norm_backward_input_cpu(const Tensor& grad_output, const Tensor& in
   const std::vector<double> s1 = read_channels(sum_dy, C, 0.0), s2 = read_channels(sum_dy_xmu, C, 0.0);
   const std::vector<double> mu = read_channels(mean, C, 0.0);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "fastbn_bn_bwd_input", [&] {
-    using T = typename KernelType<scalar_t>::type;
+    using T = cpu::kernel_type<scalar_t>;
     using A = cpu::acc_t<T>;
     const auto& k = cpu::kernels_for<T>();
     std::vector<A> m(C), a(C), b(C), c(C);

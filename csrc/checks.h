@@ -120,7 +120,8 @@ inline void check_linear_args(const char* op, const Tensor& input, const Tensor&
 }
 
 inline void check_leaky_relu_grad_args(const char* op, const Tensor& grad_output,
-                                       const Tensor& saved) {
+                                       const Tensor& saved, bool allow_half) {
+  check_float_input(op, saved, allow_half);
   TORCH_CHECK(grad_output.sizes() == saved.sizes(), op, ": grad_output of shape ",
               grad_output.sizes(), " does not match the saved activation of shape ", saved.sizes());
   TORCH_CHECK(grad_output.scalar_type() == saved.scalar_type(), op, ": grad_output dtype ",
@@ -147,6 +148,18 @@ inline void check_batch_norm_backward_args(const char* op, const Tensor& grad_ou
     check_same_device(op, input, "input", *t, "saved statistics");
   }
   check_same_device(op, input, "input", grad_output, "grad_output");
+}
+
+// Returns whether this is the training-mode input gradient (the per-channel sums are given).
+inline bool check_batch_norm_backward_input_args(const char* op, const Tensor& grad_output, const Tensor& input,
+                                                 const Tensor& mean, const Tensor& invstd, const OptTensor& weight,
+                                                 const OptTensor& sum_dy, const OptTensor& sum_dy_xmu) {
+  check_batch_norm_backward_args(op, grad_output, input, mean, invstd);
+  check_channel_tensor(op, "weight", weight, input);
+  const bool training = sum_dy.has_value() && sum_dy->defined();
+  TORCH_CHECK(training == (sum_dy_xmu.has_value() && sum_dy_xmu->defined()), op,
+              ": sum_dy and sum_dy_xmu must both be given (training) or both be None (eval)");
+  return training;
 }
 
 }  // namespace fastbn

@@ -8,19 +8,10 @@
 #include <vector>
 
 #include "checks.h"
-#include "cpu/kernels.h"
+#include "cpu/kernel_type.h"
 
 namespace fastbn {
 namespace {
-
-template <typename scalar_t>
-struct KernelType {
-  using type = scalar_t;
-};
-template <>
-struct KernelType<c10::BFloat16> {
-  using type = cpu::bf16;
-};
 
 int64_t rows_per_chunk(int64_t N) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1)); }
 
@@ -36,7 +27,7 @@ Tensor linear_leaky_relu_cpu(const Tensor& input, const Tensor& weight, const Op
   if (M == 0 || N == 0) return z.view(out_shape);
   const Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "fastbn_linear_leaky_relu", [&] {
-    using T = typename KernelType<scalar_t>::type;
+    using T = cpu::kernel_type<scalar_t>;
     const auto& k = cpu::kernels_for<T>();
     T* zp = reinterpret_cast<T*>(z.data_ptr<scalar_t>());
     const T* bp = b.defined() ? reinterpret_cast<const T*>(b.const_data_ptr<scalar_t>()) : nullptr;
@@ -53,8 +44,7 @@ Tensor linear_leaky_relu_cpu(const Tensor& input, const Tensor& weight, const Op
 
 std::tuple<Tensor, Tensor> leaky_relu_backward_bias_cpu(const Tensor& grad_output,
                                                         const Tensor& saved, double negative_slope) {
-  check_leaky_relu_grad_args("fastbn.leaky_relu_backward_bias", grad_output, saved);
-  check_float_input("fastbn.leaky_relu_backward_bias", saved, /*allow_half=*/false);
+  check_leaky_relu_grad_args("fastbn.leaky_relu_backward_bias", grad_output, saved, /*allow_half=*/false);
   const int64_t N = saved.size(-1);
   const Tensor g = grad_output.reshape({-1, N}).contiguous();
   const Tensor s = saved.reshape({-1, N}).contiguous();
@@ -64,7 +54,7 @@ std::tuple<Tensor, Tensor> leaky_relu_backward_bias_cpu(const Tensor& grad_outpu
   Tensor gbias = at::zeros({N}, saved.options().dtype(acc));
   if (M > 0 && N > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, saved.scalar_type(), "fastbn_leaky_relu_grad", [&] {
-      using T = typename KernelType<scalar_t>::type;
+      using T = cpu::kernel_type<scalar_t>;
       using A = cpu::acc_t<T>;
       const auto& k = cpu::kernels_for<T>();
       const int64_t rows = rows_per_chunk(N), chunks = (M + rows - 1) / rows;

@@ -396,11 +396,8 @@ Tensor batch_norm_backward_input_cuda(const Tensor& grad_output, const Tensor& i
                                       const Tensor& invstd, const OptTensor& weight, const OptTensor& sum_dy,
                                       const OptTensor& sum_dy_xmu) {
   const char* op = "fastbn.batch_norm_backward_input";
-  check_batch_norm_backward_args(op, grad_output, input, mean, invstd);
-  check_channel_tensor(op, "weight", weight, input);
-  const bool training = sum_dy.has_value() && sum_dy->defined();
-  TORCH_CHECK(training == (sum_dy_xmu.has_value() && sum_dy_xmu->defined()), op,
-              ": sum_dy and sum_dy_xmu must both be given (training) or both be None (eval)");
+  const bool training =
+      check_batch_norm_backward_input_args(op, grad_output, input, mean, invstd, weight, sum_dy, sum_dy_xmu);
   const c10::cuda::CUDAGuard guard(input.device());
   const BatchNormLayout L = batch_norm_layout(input);
   const Tensor dy = grad_output.contiguous(L.format);

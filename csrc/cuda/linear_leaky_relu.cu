@@ -96,8 +96,7 @@ Tensor linear_leaky_relu_cuda(const Tensor& input, const Tensor& weight, const O
 std::tuple<Tensor, Tensor> leaky_relu_backward_bias_cuda(const Tensor& grad_output, const Tensor& saved,
                                                          double negative_slope) {
   const char* op = "fastbn.leaky_relu_backward_bias";
-  check_leaky_relu_grad_args(op, grad_output, saved);
-  check_float_input(op, saved, /*allow_half=*/true);
+  check_leaky_relu_grad_args(op, grad_output, saved, /*allow_half=*/true);
   const c10::cuda::CUDAGuard guard(saved.device());
   const int64_t N = saved.size(-1);
   const Tensor g = grad_output.reshape({-1, N}).contiguous();

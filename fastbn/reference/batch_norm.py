@@ -15,8 +15,8 @@ def _check_input(x, n_neurons):
         raise ValueError(f"expected input of shape (batch, {n_neurons}), got {tuple(x.shape)}")
 
 
-class CustomBatchNormAutograd(nn.Module):
-    """BatchNorm whose backward is left to autograd (study, section 3.1)."""
+class _BatchNormParams(nn.Module):
+    """gamma = 1 and beta = 0 per neuron, as in the study."""
 
     def __init__(self, n_neurons, eps=1e-5):
         super().__init__()
@@ -24,6 +24,10 @@ class CustomBatchNormAutograd(nn.Module):
         self.eps = eps
         self.gamma = nn.Parameter(torch.ones(n_neurons))
         self.beta = nn.Parameter(torch.zeros(n_neurons))
+
+
+class CustomBatchNormAutograd(_BatchNormParams):
+    """BatchNorm whose backward is left to autograd (study, section 3.1)."""
 
     def forward(self, input):
         _check_input(input, self.n_neurons)
@@ -59,15 +63,8 @@ class CustomBatchNormManualFunction(torch.autograd.Function):
         return grad_input, grad_gamma, grad_beta, None
 
 
-class CustomBatchNormManualModule(nn.Module):
+class CustomBatchNormManualModule(_BatchNormParams):
     """The module around CustomBatchNormManualFunction (study, section 3.2c)."""
-
-    def __init__(self, n_neurons, eps=1e-5):
-        super().__init__()
-        self.n_neurons = n_neurons
-        self.eps = eps
-        self.gamma = nn.Parameter(torch.ones(n_neurons))
-        self.beta = nn.Parameter(torch.zeros(n_neurons))
 
     def forward(self, input):
         _check_input(input, self.n_neurons)

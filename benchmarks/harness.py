@@ -1,0 +1,63 @@
+"""Timing and roofline arithmetic shared by the benchmarks.
+
+Every comparison times the candidates in the same process, interleaved round by round
+(A, B, A, B, ...), each round a torch.utils.benchmark median with the thread count set
+explicitly; the reported time is the median over rounds. Achieved bandwidth and FLOP rates are
+set against a copy bandwidth and a matmul rate measured on the same device in the same run.
+"""
+import statistics
+
+import torch
+from torch.utils import benchmark
+
+# ---- what each case moves or computes (unit-tested) -------------------------------------------
+
+
+def batch_norm_bytes(numel, itemsize, training, backward):
+    """Bytes the BatchNorm kernels must move through memory.
+
+    forward, training: read x for the statistics, read x and write y to normalise  -> 3 passes
+    forward, eval:     read x, write y                                              -> 2
+    backward: read x and dy for the per-channel sums, read x and dy and write dx     -> +5 (train)
+              eval needs no x for dx, but the weight gradient still reads x and dy   -> +4
+    """
+    passes = 3 if training else 2
+    if backward:
+        passes += 5 if training else 4
+    return passes * numel * itemsize
+
+
+def linear_flops(rows, in_features, out_features, backward, input_grad=True):
+    """2*M*K*N for the forward GEMM; the backward adds the weight GEMM and, if asked, the input GEMM."""
+    gemm = 2 * rows * in_features * out_features
+    return gemm * (1 + (1 + int(input_grad) if backward else 0))
+
+
+# ---- measurement -------------------------------------------------------------------------------
+
+
+def time_interleaved(fns, threads, rounds=5, min_run_time=0.2):
+    """{name: median seconds} for callables timed alternately in `rounds` rounds."""
+    per = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t = benchmark.Timer("fn()", globals={"fn": fn}, num_threads=threads)
+            per[name].append(t.blocked_autorange(min_run_time=min_run_time).median)
+    return {name: statistics.median(v) for name, v in per.items()}
+
+
+def copy_bandwidth(device, threads, nbytes=256 << 20, rounds=3):
+    """Achieved bytes/s of dst.copy_(src), read + write counted, on a buffer larger than the caches."""
+    n = nbytes // 4
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    t = time_interleaved({"copy": lambda: dst.copy_(src)}, threads, rounds)["copy"]
+    return 2 * n * 4 / t
+
+
+def matmul_rate(device, threads, n=2048, dtype=torch.float32, rounds=3):
+    """Achieved FLOP/s of an n x n x n matmul."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    t = time_interleaved({"mm": lambda: a @ b}, threads, rounds)["mm"]
+    return 2 * n ** 3 / t

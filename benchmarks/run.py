@@ -1,0 +1,303 @@
+"""fastbn against PyTorch's builtins: `python -m benchmarks.run [--quick] [--device cuda]`.
+
+Rows: BatchNorm1d/2d (forward, forward+backward, eval; NCHW and channels_last; each dtype) at the
+models' shapes and over a size sweep; Linear+LeakyReLU at the MLP's shapes and a sweep; the MLP
+and ConvNet training steps end to end (fastbn backend against torch backend). Baselines: torch
+eager, and torch.compile of the same builtin code where marked. Writes a markdown table and PNG
+plots to benchmarks/results/, named by device and date, with device, versions and commit inside.
+"""
+import argparse
+import datetime
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import fastbn
+from benchmarks.harness import batch_norm_bytes, copy_bandwidth, linear_flops, matmul_rate, time_interleaved
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {torch.get_num_threads()} threads"
+
+
+def commit():
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=Path(__file__).parent).stdout.strip()
+        return sha + ("+dirty" if dirty else "") if sha else "unknown"
+    except OSError:
+        return "unknown"
+
+
+# ---- cases ---------------------------------------------------------------------------------------
+
+
+def bn_case(shape, dtype, device, channels_last, mode):
+    """(fns, bytes): fastbn and torch BatchNorm on one input; mode is fwd | fwd+bwd | eval."""
+    C = shape[1]
+    dims = len(shape)
+    ours = (fastbn.nn.BatchNorm2d if dims == 4 else fastbn.nn.BatchNorm1d)(C, device=device)
+    ref = (torch.nn.BatchNorm2d if dims == 4 else torch.nn.BatchNorm1d)(C, device=device)
+    pdtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    ours.to(pdtype), ref.to(pdtype)
+    if mode == "eval":
+        ours.eval(), ref.eval()
+    x = torch.randn(shape, device=device, dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    backward = mode == "fwd+bwd"
+    if backward:
+        x.requires_grad_()
+    g = torch.randn_like(x)
+
+    def make(m):
+        if backward:
+            return lambda: torch.autograd.grad(m(x), [x, m.weight, m.bias], g)
+
+        def fwd():
+            with torch.no_grad():
+                return m(x)
+        return fwd
+
+    fns = {"fastbn": make(ours), "torch": make(ref)}
+    nbytes = batch_norm_bytes(x.numel(), x.element_size(), training=mode != "eval", backward=backward)
+    return fns, nbytes, ref, make
+
+
+def linear_case(rows, n_in, n_out, dtype, device, backward, slope=0.02):
+    x = torch.randn(rows, n_in, device=device, dtype=dtype, requires_grad=backward)
+    ours = fastbn.nn.LinearLeakyReLU(n_in, n_out, negative_slope=slope, device=device, dtype=dtype)
+    ref = torch.nn.Sequential(torch.nn.Linear(n_in, n_out, device=device, dtype=dtype), torch.nn.LeakyReLU(slope))
+    g = torch.randn(rows, n_out, device=device, dtype=dtype)
+
+    def make(m, params):
+        if backward:
+            return lambda: torch.autograd.grad(m(x), [x] + params, g)
+
+        def fwd():
+            with torch.no_grad():
+                return m(x)
+        return fwd
+
+    fns = {"fastbn": make(ours, [ours.weight, ours.bias]), "torch": make(ref, [ref[0].weight, ref[0].bias])}
+    return fns, linear_flops(rows, n_in, n_out, backward), ref, lambda m: make(m, [ref[0].weight, ref[0].bias])
+
+
+def train_step_case(model_name, device, amp):
+    from fastbn.models import MLP, ConvNet
+
+    fns = {}
+    for backend in ("fastbn", "torch"):
+        torch.manual_seed(0)
+        if model_name == "convnet":
+            model = ConvNet(3, 10, backend=backend).to(device, memory_format=torch.channels_last)
+            x = torch.randn(32, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
+            y = torch.randint(0, 10, (32,), device=device)
+        else:
+            hidden = [100] if model_name == "mlp" else [1000, 500, 200, 100, 100]
+            model = MLP(3072, hidden, 10, 0.02, backend=backend).to(device)
+            x, y = torch.randn(200, 3072, device=device), torch.randint(0, 10, (200,), device=device)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+        def step(model=model, opt=opt, x=x, y=y):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                loss = F.cross_entropy(model(x).float(), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        fns[backend] = step
+    return fns
+
+
+# ---- the run -------------------------------------------------------------------------------------
+
+
+def dtypes(device, quick):
+    if quick:
+        return [torch.float32]
+    out = [torch.float32, torch.float64, torch.bfloat16]
+    return out + [torch.float16] if device.type == "cuda" else out
+
+
+def run(args):
+    device = torch.device(args.device)
+    threads = args.threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    quick = args.quick
+    rounds, mrt = (2, 0.02) if quick else (5, 0.2)
+    copy_bw = copy_bandwidth(device, threads, nbytes=(8 << 20) if quick else (256 << 20))
+    mm_rate = matmul_rate(device, threads, n=256 if quick else 2048)
+    rows = []
+
+    def add(group, case, mode, dtype, layout, t, work, unit, compiled=None):
+        ratio = t["torch"] / t["fastbn"]
+        if unit == "GB/s":
+            achieved = work / t["fastbn"] / 1e9
+            roof = f"{100 * work / t['fastbn'] / copy_bw:.0f}% of copy"
+        else:
+            achieved = work / t["fastbn"] / 1e9
+            roof = f"{100 * work / t['fastbn'] / mm_rate:.0f}% of matmul"
+        rows.append(dict(group=group, case=case, mode=mode, dtype=str(dtype).replace("torch.", ""), layout=layout,
+                         fastbn_ms=1e3 * t["fastbn"], torch_ms=1e3 * t["torch"], ratio=ratio,
+                         compiled_ms=None if compiled is None else 1e3 * compiled,
+                         achieved=f"{achieved:.1f} {unit}" if work else "-", roof=roof if work else "-"))
+        print(f"{group:10s} {case:22s} {mode:8s} {rows[-1]['dtype']:9s} {layout:14s} fastbn {1e3 * t['fastbn']:9.3f} ms"
+              f"  torch {1e3 * t['torch']:9.3f} ms  x{ratio:5.2f}  {rows[-1]['achieved']}", flush=True)
+
+    def compiled_time(ref, make):
+        compiled = torch.compile(ref)
+        fn = make(compiled)
+        for _ in range(2):
+            fn()
+        return time_interleaved({"c": fn}, threads, rounds, mrt)["c"]
+
+    # BatchNorm at the models' shapes
+    bn_shapes = [(8, 16, 8, 8), (16, 32)] if quick else [(128, 64, 32, 32), (32, 256, 8, 8), (32, 64, 32, 32),
+                                                           (32, 512, 2, 2), (200, 1000)]
+    for shape in bn_shapes:
+        for dtype in dtypes(device, quick):
+            for cl in ((False, True) if len(shape) == 4 else (False,)):
+                for mode in ("fwd", "fwd+bwd", "eval"):
+                    if dtype != torch.float32 and mode != "fwd+bwd":
+                        continue  # other dtypes: the training step only
+                    fns, nbytes, ref, make = bn_case(shape, dtype, device, cl, mode)
+                    t = time_interleaved(fns, threads, rounds, mrt)
+                    comp = None
+                    if args.compile and dtype == torch.float32 and mode == "fwd+bwd" and shape in bn_shapes[:2]:
+                        comp = compiled_time(ref, make)
+                    add("BatchNorm", "x".join(map(str, shape)), mode, dtype, "channels_last" if cl else "contiguous",
+                        t, nbytes, "GB/s", comp)
+
+    # BatchNorm2d size sweep: training forward+backward, float32
+    sweep = []
+    sizes = [1 << 12, 1 << 16] if quick else [1 << k for k in range(12, 27, 2)]  # values: 16 KB .. 256 MB
+    for numel in sizes:
+        hw = max(1, numel // (32 * 64))
+        side = int(hw ** 0.5)
+        shape = (max(1, numel // (64 * side * side)), 64, side, side)
+        fns, nbytes, _, _ = bn_case(shape, torch.float32, device, False, "fwd+bwd")
+        t = time_interleaved(fns, threads, rounds, mrt)
+        sweep.append((nbytes / 8, t, nbytes))  # input bytes
+        add("BN sweep", "x".join(map(str, shape)), "fwd+bwd", torch.float32, "contiguous", t, nbytes, "GB/s")
+
+    # Linear + LeakyReLU
+    lin_shapes = [(16, 64, 32)] if quick else [(200, 3072, 100), (200, 100, 10), (200, 3072, 1000),
+                                               (200, 1000, 500), (1024, 1024, 1024), (4096, 4096, 1024)]
+    for n_rows, n_in, n_out in lin_shapes:
+        for dtype in dtypes(device, quick):
+            if dtype == torch.float16 and device.type == "cpu":
+                continue
+            for backward in (False, True):
+                if dtype != torch.float32 and not backward:
+                    continue
+                fns, flops, ref, make = linear_case(n_rows, n_in, n_out, dtype, device, backward)
+                t = time_interleaved(fns, threads, rounds, mrt)
+                comp = None
+                if args.compile and dtype == torch.float32 and backward and (n_rows, n_in, n_out) in lin_shapes[:3]:
+                    comp = compiled_time(ref, make)
+                add("Linear+LReLU", f"{n_rows}x{n_in}->{n_out}", "fwd+bwd" if backward else "fwd", dtype, "-", t,
+                    flops, "GFLOP/s", comp)
+
+    # training steps, end to end
+    if not quick:
+        for model_name, amp in (("mlp", False), ("mlp-tuned", False), ("convnet", False), ("convnet", True)):
+            t = time_interleaved(train_step_case(model_name, device, amp), threads, 3, 1.0)
+            add("train step", model_name + (" bf16" if amp else ""), "step", torch.float32, "-", t, 0, "-")
+
+    return dict(rows=rows, sweep=sweep, copy_bw=copy_bw, mm_rate=mm_rate, device=device, threads=threads)
+
+
+def write_results(res, args):
+    device = res["device"]
+    today = datetime.date.today().isoformat()
+    tag = "cuda-" + torch.cuda.get_device_name(device).replace(" ", "-") if device.type == "cuda" else "cpu"
+    stem = f"{tag}-{today}{'-quick' if args.quick else ''}"
+    out = Path(args.out) if args.out else RESULTS
+    out.mkdir(parents=True, exist_ok=True)
+    info = fastbn.build_info()
+    head = [
+        f"# fastbn benchmarks: {device_name(device)}",
+        "",
+        f"- date: {today}; commit: {commit()}; command: `python -m benchmarks.run {' '.join(sys.argv[1:])}`",
+        f"- torch {torch.__version__}; fastbn {info['version']} (CPU loops: {info['cpu_isa']}, CUDA kernels: "
+        f"{info['cuda_kernels']}); python {platform.python_version()}; threads {res['threads']}",
+        f"- measured copy bandwidth {res['copy_bw'] / 1e9:.1f} GB/s (read + write), float32 matmul "
+        f"{res['mm_rate'] / 1e9:.0f} GFLOP/s",
+        "- times: torch.utils.benchmark medians, fastbn and torch interleaved, median of rounds; "
+        "ratio = torch / fastbn (> 1: fastbn faster); `compiled` = torch.compile of the builtin module",
+        "",
+        "| group | case | mode | dtype | layout | fastbn ms | torch ms | ratio | torch.compile ms | fastbn achieved | of roofline |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in res["rows"]:
+        comp = f"{r['compiled_ms']:.3f}" if r["compiled_ms"] is not None else "-"
+        head.append(f"| {r['group']} | {r['case']} | {r['mode']} | {r['dtype']} | {r['layout']} | {r['fastbn_ms']:.3f} | "
+                    f"{r['torch_ms']:.3f} | **{r['ratio']:.2f}x** | {comp} | {r['achieved']} | {r['roof']} |")
+    md = out / f"{stem}.md"
+    head += ["", f"![size sweep]({stem}-sweep.png)", ""]
+    md.write_text("\n".join(head))
+    plot_sweep(res, out / f"{stem}-sweep.png", device_name(device))
+    print(f"wrote {md}")
+    return md
+
+
+def plot_sweep(res, path, title):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = [s[0] for s in res["sweep"]]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    ax1.semilogx(sizes, [s[2] / s[1]["fastbn"] / 1e9 for s in res["sweep"]], "o-", label="fastbn")
+    ax1.semilogx(sizes, [s[2] / s[1]["torch"] / 1e9 for s in res["sweep"]], "s-", label="torch")
+    ax1.axhline(res["copy_bw"] / 1e9, color="gray", linestyle="--", label="copy bandwidth")
+    ax1.set_xlabel("input bytes")
+    ax1.set_ylabel("GB/s (8 passes counted)")
+    ax1.set_title("BatchNorm2d train fwd+bwd, float32")
+    ax1.legend()
+    ax2.semilogx(sizes, [s[1]["torch"] / s[1]["fastbn"] for s in res["sweep"]], "o-")
+    ax2.axhline(1, color="gray", linestyle="--")
+    ax2.set_xlabel("input bytes")
+    ax2.set_ylabel("speed-up over torch eager")
+    ax2.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny sizes, few rounds (under 2 minutes)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
+    p.add_argument("--compile", type=int, default=1, help="also time torch.compile baselines (1/0)")
+    p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.compile = 0
+    res = run(args)
+    return write_results(res, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,23 @@
+"""The benchmark harness: its arithmetic, and a --quick run on tiny sizes (no timing assertions)."""
+from benchmarks.harness import batch_norm_bytes, linear_flops
+from benchmarks import run
+
+
+def test_batch_norm_bytes():
+    assert batch_norm_bytes(1000, 4, training=True, backward=False) == 3 * 4000
+    assert batch_norm_bytes(1000, 4, training=False, backward=False) == 2 * 4000
+    assert batch_norm_bytes(1000, 2, training=True, backward=True) == 8 * 2000
+    assert batch_norm_bytes(10, 8, training=False, backward=True) == 6 * 80
+
+
+def test_linear_flops():
+    assert linear_flops(200, 3072, 100, backward=False) == 2 * 200 * 3072 * 100
+    assert linear_flops(200, 3072, 100, backward=True) == 3 * 2 * 200 * 3072 * 100
+    assert linear_flops(200, 3072, 100, backward=True, input_grad=False) == 2 * 2 * 200 * 3072 * 100
+
+
+def test_quick_run_writes_table_and_plot(tmp_path):
+    md = run.main(["--quick", "--out", str(tmp_path)])
+    text = md.read_text()
+    assert "| BatchNorm |" in text and "| Linear+LReLU |" in text and "commit:" in text and "torch " in text
+    assert len(list(tmp_path.glob("*-sweep.png"))) == 1
