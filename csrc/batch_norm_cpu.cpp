@@ -169,6 +169,127 @@ void for_each_span(const BatchNormLayout& L, F&& planar_fn, G&& rows_fn) {
   }
 }
 
+// ---- fused paths: a task owns whole channels ---------------------------------------------------
+//
+// When every task can own whole channels and their values fit in its core's L2, the statistics
+// and the elementwise pass run in one parallel region, and the elementwise pass re-reads the
+// input from cache: the forward moves 2 passes of memory instead of 3, the backward 3 instead
+// of 5. Groups are single channels (planar) or column slices (rows).
+constexpr int64_t kGroupCacheBytes = int64_t(1) << 20;
+
+struct ChannelGroups {
+  bool usable;
+  int64_t count, width;  // width: channels per group
+  ChannelGroups(const BatchNormLayout& L, int64_t bytes_per_value) {
+    const int64_t threads = at::get_num_threads();
+    if (L.planar) {
+      width = 1;
+      count = L.C;
+      usable = L.C >= 4 * threads;
+    } else {
+      const ColumnSlices cs(L.C);
+      width = cs.width;
+      count = cs.count;
+      usable = count > 1 || threads == 1;
+    }
+    usable = usable && L.per_channel() * width * bytes_per_value <= kGroupCacheBytes;
+  }
+  int64_t start(int64_t g) const { return g * width; }
+  int64_t length(int64_t g, int64_t C) const { return std::min(width, C - g * width); }
+};
+
+// Moments of channels [c0, c0 + W) into mean/m2 (indexed by channel).
+template <typename T>
+void group_moments(const BatchNormLayout& L, const T* x, int64_t c0, int64_t W, double* mean, double* m2) {
+  const auto& k = cpu::kernels_for<T>();
+  if (L.planar) {
+    const PlaneBlocks pb(L.S);
+    const int64_t per_c = L.N * pb.splits;
+    std::vector<double> bm(per_c), bm2(per_c);
+    auto block_count = [&](int64_t r) { return double(pb.length(r % pb.splits, L.S)); };
+    for (int64_t c = c0; c < c0 + W; ++c) {
+      for_channel_blocks(L, pb, c, [&](int64_t n, int64_t s, int64_t off, int64_t len) {
+        k.plane_stats(x + off, len, &bm[n * pb.splits + s], &bm2[n * pb.splits + s]);
+      });
+      merge_moments(per_c, block_count, bm.data(), bm2.data(), 1, &mean[c], &m2[c]);
+    }
+    return;
+  }
+  const int64_t C = L.C, M = L.per_channel(), rows = rows_per_chunk(W), chunks = (M + rows - 1) / rows;
+  std::vector<double> pmean(chunks * W), pm2(chunks * W);
+  std::vector<cpu::acc_t<T>> scratch(2 * W);
+  for (int64_t q = 0; q < chunks; ++q) {
+    const int64_t r0 = q * rows;
+    k.rows_stats(x + r0 * C + c0, std::min(rows, M - r0), W, C, &pmean[q * W], &pm2[q * W], scratch.data());
+  }
+  auto chunk_count = [&](int64_t q) { return double(std::min(rows, M - q * rows)); };
+  for (int64_t c = 0; c < W; ++c) merge_moments(chunks, chunk_count, &pmean[c], &pm2[c], W, &mean[c0 + c], &m2[c0 + c]);
+}
+
+// y = (x - mean) * scale + shift for channels [c0, c0 + W); the vectors are indexed by channel.
+template <typename T>
+void group_normalize(const BatchNormLayout& L, const T* x, T* y, int64_t c0, int64_t W, const cpu::acc_t<T>* m,
+                     const cpu::acc_t<T>* scale, const cpu::acc_t<T>* shift) {
+  const auto& k = cpu::kernels_for<T>();
+  if (L.planar) {
+    const PlaneBlocks pb(L.S);
+    for (int64_t c = c0; c < c0 + W; ++c)
+      for_channel_blocks(L, pb, c, [&](int64_t, int64_t, int64_t off, int64_t len) {
+        k.plane_normalize(x + off, y + off, len, m[c], scale[c], shift[c]);
+      });
+    return;
+  }
+  k.rows_normalize(x + c0, y + c0, L.per_channel(), W, L.C, m + c0, scale + c0, shift + c0);
+}
+
+// sum(dy), sum(dy * (x - mean)) of channels [c0, c0 + W) into sdy/sdyxmu (indexed by channel).
+template <typename T>
+void group_grad_sums(const BatchNormLayout& L, const T* g, const T* x, int64_t c0, int64_t W,
+                     const cpu::acc_t<T>* mu, double* sdy, double* sdyxmu) {
+  const auto& k = cpu::kernels_for<T>();
+  if (L.planar) {
+    const PlaneBlocks pb(L.S);
+    for (int64_t c = c0; c < c0 + W; ++c) {
+      double s1 = 0, s2 = 0;
+      for_channel_blocks(L, pb, c, [&](int64_t, int64_t, int64_t off, int64_t len) {
+        double b1, b2;
+        k.plane_grad_sums(g + off, x + off, len, mu[c], &b1, &b2);
+        s1 += b1;
+        s2 += b2;
+      });
+      sdy[c] = s1;
+      sdyxmu[c] = s2;
+    }
+    return;
+  }
+  const int64_t C = L.C, M = L.per_channel(), rows = rows_per_chunk(W);
+  std::vector<cpu::acc_t<T>> p1(W), p2(W);
+  for (int64_t c = 0; c < W; ++c) sdy[c0 + c] = sdyxmu[c0 + c] = 0;
+  for (int64_t r0 = 0; r0 < M; r0 += rows) {
+    k.rows_grad_sums(g + r0 * C + c0, x + r0 * C + c0, std::min(rows, M - r0), W, C, mu + c0, p1.data(), p2.data());
+    for (int64_t c = 0; c < W; ++c) {
+      sdy[c0 + c] += p1[c];
+      sdyxmu[c0 + c] += p2[c];
+    }
+  }
+}
+
+// dx = a * dy - (x - mean) * b - c for channels [c0, c0 + W).
+template <typename T>
+void group_grad_input(const BatchNormLayout& L, const T* g, const T* x, T* dx, int64_t c0, int64_t W,
+                      const cpu::acc_t<T>* m, const cpu::acc_t<T>* a, const cpu::acc_t<T>* b, const cpu::acc_t<T>* c) {
+  const auto& k = cpu::kernels_for<T>();
+  if (L.planar) {
+    const PlaneBlocks pb(L.S);
+    for (int64_t ch = c0; ch < c0 + W; ++ch)
+      for_channel_blocks(L, pb, ch, [&](int64_t, int64_t, int64_t off, int64_t len) {
+        k.plane_grad_input(g + off, x + off, dx + off, len, m[ch], a[ch], b[ch], c[ch]);
+      });
+    return;
+  }
+  k.rows_grad_input(g + c0, x + c0, dx + c0, L.per_channel(), W, L.C, m + c0, a + c0, b + c0, c + c0);
+}
+
 // Per-channel tensors <-> double vectors, in their own dtype and stride, no temporaries.
 std::vector<double> read_channels(const OptTensor& t, int64_t C, double fill) {
   std::vector<double> v(C, fill);
@@ -210,58 +331,71 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_cpu(const Tensor& input, const Opt
   const auto acc = acc_type(input.scalar_type());
   Tensor out = empty_like_layout(L);
   const bool has_running = running_mean.has_value() && running_mean->defined();
+  const std::vector<double> w = read_channels(weight, C, 1.0), b = read_channels(bias, C, 0.0);
 
-  std::vector<double> mean(C, 0.0), var(C, 0.0);  // var: the biased variance used to normalise
-  if (training) {
-    if (M == 0)  // empty batch: nothing to normalise, running stats untouched (as torch)
-      return {out, channel_tensor(mean, input, acc), channel_tensor(var, input, acc)};
-    std::vector<double> m2(C);
-    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "fastbn_bn_stats", [&] {
-      using T = cpu::kernel_type<scalar_t>;
-      const T* x = reinterpret_cast<const T*>(L.x.const_data_ptr<scalar_t>());
-      if (L.planar) planar_moments<T>(L, x, mean.data(), m2.data());
-      else rows_moments<T>(L, x, mean.data(), m2.data());
-    });
-    for (int64_t c = 0; c < C; ++c) var[c] = m2[c] / double(M);
-    if (has_running) {  // running = (1 - momentum) * running + momentum * batch (unbiased var)
-      std::vector<double> rm = read_channels(running_mean, C, 0), rv = read_channels(running_var, C, 0);
-      for (int64_t c = 0; c < C; ++c) {
-        rm[c] = (1 - momentum) * rm[c] + momentum * mean[c];
-        rv[c] = (1 - momentum) * rv[c] + momentum * (M > 1 ? m2[c] / double(M - 1) : NAN);
-      }
-      write_channels(*running_mean, rm);
-      write_channels(*running_var, rv);
-    }
-  } else {
+  // mean and the biased variance used to normalise, per channel
+  std::vector<double> mean(C, 0.0), var(C, 0.0), invstd(C, 0.0);
+  if (training && M == 0)  // empty batch: nothing to normalise, running stats untouched (as torch)
+    return {out, channel_tensor(mean, input, acc), channel_tensor(var, input, acc)};
+  if (!training) {
     mean = read_channels(running_mean, C, 0);
     var = read_channels(running_var, C, 1);
   }
-
-  std::vector<double> invstd(C);
-  for (int64_t c = 0; c < C; ++c) invstd[c] = 1.0 / std::sqrt(var[c] + eps);
-  Tensor save_mean = channel_tensor(mean, input, acc), save_invstd = channel_tensor(invstd, input, acc);
-  if (M == 0) return {out, save_mean, save_invstd};
-
-  const std::vector<double> w = read_channels(weight, C, 1.0), b = read_channels(bias, C, 0.0);
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "fastbn_bn_normalize", [&] {
+  std::vector<double> m2(C, 0.0);
+  bool normalized = false;
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "fastbn_bn_forward", [&] {
     using T = cpu::kernel_type<scalar_t>;
     using A = cpu::acc_t<T>;
-    const auto& k = cpu::kernels_for<T>();
-    std::vector<A> m(C), scale(C), shift(C);
-    for (int64_t c = 0; c < C; ++c) {
-      m[c] = A(mean[c]);
-      scale[c] = A(w[c] * invstd[c]);
-      shift[c] = A(b[c]);
-    }
     const T* x = reinterpret_cast<const T*>(L.x.const_data_ptr<scalar_t>());
     T* y = reinterpret_cast<T*>(out.data_ptr<scalar_t>());
+    std::vector<A> m(C), scale(C), shift(C);
+    auto constants = [&](int64_t c0, int64_t c1) {  // per-channel: invstd, then y = (x - m) * scale + shift
+      for (int64_t c = c0; c < c1; ++c) {
+        if (training) var[c] = m2[c] / double(M);
+        invstd[c] = 1.0 / std::sqrt(var[c] + eps);
+        m[c] = A(mean[c]);
+        scale[c] = A(w[c] * invstd[c]);
+        shift[c] = A(b[c]);
+      }
+    };
+    const ChannelGroups groups(L, sizeof(T));
+    if (training && groups.usable) {  // one region: statistics, then normalise from cache
+      at::parallel_for(0, groups.count, 1, [&](int64_t g0, int64_t g1) {
+        for (int64_t g = g0; g < g1; ++g) {
+          const int64_t c0 = groups.start(g), W = groups.length(g, C);
+          group_moments<T>(L, x, c0, W, mean.data(), m2.data());
+          constants(c0, c0 + W);
+          group_normalize<T>(L, x, y, c0, W, m.data(), scale.data(), shift.data());
+        }
+      });
+      normalized = true;
+      return;
+    }
+    if (training) {
+      if (L.planar) planar_moments<T>(L, x, mean.data(), m2.data());
+      else rows_moments<T>(L, x, mean.data(), m2.data());
+    }
+    constants(0, C);
+    if (M == 0) return;
+    const auto& k = cpu::kernels_for<T>();
     for_each_span(
         L, [&](int64_t off, int64_t len, int64_t c) { k.plane_normalize(x + off, y + off, len, m[c], scale[c], shift[c]); },
         [&](int64_t r0, int64_t nr) {
           k.rows_normalize(x + r0 * C, y + r0 * C, nr, C, C, m.data(), scale.data(), shift.data());
         });
+    normalized = true;
   });
-  return {out, save_mean, save_invstd};
+  TORCH_INTERNAL_ASSERT(normalized || M == 0);
+  if (training && has_running) {  // running = (1 - momentum) * running + momentum * batch (unbiased var)
+    std::vector<double> rm = read_channels(running_mean, C, 0), rv = read_channels(running_var, C, 0);
+    for (int64_t c = 0; c < C; ++c) {
+      rm[c] = (1 - momentum) * rm[c] + momentum * mean[c];
+      rv[c] = (1 - momentum) * rv[c] + momentum * (M > 1 ? m2[c] / double(M - 1) : NAN);
+    }
+    write_channels(*running_mean, rm);
+    write_channels(*running_var, rv);
+  }
+  return {out, channel_tensor(mean, input, acc), channel_tensor(invstd, input, acc)};
 }
 
 // sum(dy) and sum(dy * (x - mean)) per channel.
@@ -411,12 +545,63 @@ Tensor batch_norm_backward_input_cpu(const Tensor& grad_output, const Tensor& in
   return dx;
 }
 
+// All three gradients in training mode. With channel groups the per-channel sums and dx are
+// computed in one region (dx re-reads x and dy from cache); otherwise reduce, then input.
+std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(const Tensor& grad_output, const Tensor& input,
+                                                           const Tensor& mean, const Tensor& invstd,
+                                                           const OptTensor& weight) {
+  const char* op = "fastbn.batch_norm_backward";
+  check_batch_norm_backward_args(op, grad_output, input, mean, invstd);
+  check_channel_tensor(op, "weight", weight, input);
+  const BatchNormLayout L = batch_norm_layout(input);
+  const int64_t C = L.C, M = L.per_channel();
+  const bool fused = M > 0 && ChannelGroups(L, 2 * input.element_size()).usable;
+  if (!fused) {
+    auto sums = batch_norm_backward_reduce_cpu(grad_output, input, mean, invstd, weight);
+    Tensor dx = batch_norm_backward_input_cpu(grad_output, input, mean, invstd, weight, std::get<0>(sums),
+                                              std::get<1>(sums));
+    return {dx, std::get<2>(sums), std::get<3>(sums)};
+  }
+  const Tensor dy = grad_output.contiguous(L.format);
+  Tensor dx = empty_like_layout(L);
+  const std::vector<double> w = read_channels(weight, C, 1.0), is = read_channels(invstd, C, 1.0);
+  const std::vector<double> mu = read_channels(mean, C, 0.0);
+  std::vector<double> sdy(C), sdyxmu(C);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "fastbn_bn_backward", [&] {
+    using T = cpu::kernel_type<scalar_t>;
+    using A = cpu::acc_t<T>;
+    const T* x = reinterpret_cast<const T*>(L.x.const_data_ptr<scalar_t>());
+    const T* g = reinterpret_cast<const T*>(dy.const_data_ptr<scalar_t>());
+    T* d = reinterpret_cast<T*>(dx.data_ptr<scalar_t>());
+    std::vector<A> m(mu.begin(), mu.end()), a(C), b(C), c(C);
+    const ChannelGroups groups(L, 2 * sizeof(T));
+    at::parallel_for(0, groups.count, 1, [&](int64_t g0, int64_t g1) {
+      for (int64_t grp = g0; grp < g1; ++grp) {
+        const int64_t c0 = groups.start(grp), W = groups.length(grp, C);
+        group_grad_sums<T>(L, g, x, c0, W, m.data(), sdy.data(), sdyxmu.data());
+        for (int64_t j = c0; j < c0 + W; ++j) {  // as batch_norm_backward_input_cpu
+          const double aj = w[j] * is[j];
+          a[j] = A(aj);
+          b[j] = A(aj * is[j] * is[j] * sdyxmu[j] / double(M));
+          c[j] = A(aj * sdy[j] / double(M));
+        }
+        group_grad_input<T>(L, g, x, d, c0, W, m.data(), a.data(), b.data(), c.data());
+      }
+    });
+  });
+  std::vector<double> gw(C);
+  for (int64_t j = 0; j < C; ++j) gw[j] = sdyxmu[j] * is[j];
+  const auto pdtype = weight.has_value() && weight->defined() ? weight->scalar_type() : mean.scalar_type();
+  return {dx, channel_tensor(gw, mean, pdtype), channel_tensor(sdy, mean, pdtype)};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastbn, CPU, m) {
   m.impl("batch_norm", &batch_norm_cpu);
   m.impl("batch_norm_backward_reduce", &batch_norm_backward_reduce_cpu);
   m.impl("batch_norm_backward_input", &batch_norm_backward_input_cpu);
+  m.impl("batch_norm_backward", &batch_norm_backward_cpu);
 }
 
 }  // namespace fastbn

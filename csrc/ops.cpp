@@ -24,6 +24,11 @@ TORCH_LIBRARY(fastbn, m) {
   m.def(
       "batch_norm_backward_input(Tensor grad_output, Tensor input, Tensor mean, Tensor invstd, "
       "Tensor? weight, Tensor? sum_dy, Tensor? sum_dy_xmu) -> Tensor");
+  // Training mode, all gradients at once: (grad_input, grad_weight, grad_bias); the same as
+  // batch_norm_backward_reduce followed by batch_norm_backward_input, fused where it pays.
+  m.def(
+      "batch_norm_backward(Tensor grad_output, Tensor input, Tensor mean, Tensor invstd, Tensor? weight) "
+      "-> (Tensor, Tensor, Tensor)");
   // leaky_relu(input @ weight.T + bias, negative_slope)
   m.def("linear_leaky_relu(Tensor input, Tensor weight, Tensor? bias, float negative_slope) -> Tensor");
   // (grad_preactivation, grad_bias) from the output gradient and `saved`, a tensor whose sign is
@@ -60,6 +65,11 @@ at::Tensor bn_input_cuda(const at::Tensor&, const at::Tensor&, const at::Tensor&
 at::Tensor lin_cuda(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, double) {
   no_cuda();
 }
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_backward_cuda(const at::Tensor&, const at::Tensor&,
+                                                                const at::Tensor&, const at::Tensor&,
+                                                                const std::optional<at::Tensor>&) {
+  no_cuda();
+}
 std::tuple<at::Tensor, at::Tensor> lrelu_cuda(const at::Tensor&, const at::Tensor&, double) {
   no_cuda();
 }
@@ -69,6 +79,7 @@ TORCH_LIBRARY_IMPL(fastbn, CUDA, m) {
   m.impl("batch_norm", &bn_cuda);
   m.impl("batch_norm_backward_reduce", &bn_reduce_cuda);
   m.impl("batch_norm_backward_input", &bn_input_cuda);
+  m.impl("batch_norm_backward", &bn_backward_cuda);
   m.impl("linear_leaky_relu", &lin_cuda);
   m.impl("leaky_relu_backward_bias", &lrelu_cuda);
 }

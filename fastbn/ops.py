@@ -38,6 +38,13 @@ def _(grad_output, input, mean, invstd, weight):
     return torch.empty_like(mean), torch.empty_like(mean), param, torch.empty_like(param)
 
 
+@torch.library.register_fake("fastbn::batch_norm_backward")
+def _(grad_output, input, mean, invstd, weight):
+    param = torch.empty_like(mean, dtype=weight.dtype if weight is not None else mean.dtype)
+    grad_input = torch.empty_like(input, memory_format=_batch_norm_format(input))
+    return grad_input, param, torch.empty_like(param)
+
+
 @torch.library.register_fake("fastbn::batch_norm_backward_input")
 def _(grad_output, input, mean, invstd, weight, sum_dy, sum_dy_xmu):
     return torch.empty_like(input, memory_format=_batch_norm_format(input))
@@ -82,6 +89,10 @@ class BatchNormFunction(torch.autograd.Function):
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_input = grad_weight = grad_bias = None
         sum_dy = sum_dy_xmu = None
+        if ctx.training and need_input:  # the common case: every gradient, in one fused op
+            grad_input, grad_weight, grad_bias = _ops.batch_norm_backward(grad_output, input, mean, invstd, weight)
+            return (grad_input, grad_weight if need_weight else None, grad_bias if need_bias else None,
+                    None, None, None, None, None)
         if need_weight or need_bias or (need_input and ctx.training):
             sum_dy, sum_dy_xmu, grad_weight, grad_bias = _ops.batch_norm_backward_reduce(
                 grad_output, input, mean, invstd, weight

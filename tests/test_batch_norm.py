@@ -193,6 +193,7 @@ def _sample_calls(device):
         sdy, sdyxmu, _, _ = torch.ops.fastbn.batch_norm_backward_reduce(g, inp, mean, invstd, weight)
         out.append((torch.ops.fastbn.batch_norm_backward_input.default, (g, inp, mean, invstd, weight, sdy, sdyxmu)))
         out.append((torch.ops.fastbn.batch_norm_backward_input.default, (g, inp, mean, invstd, weight, None, None)))
+        out.append((torch.ops.fastbn.batch_norm_backward.default, (g, inp, mean, invstd, weight)))
     return out
 
 
@@ -319,3 +320,22 @@ def test_module_rejects_wrong_ndim_like_torch():
 def test_tensors_on_different_devices():
     with pytest.raises(RuntimeError, match="expected weight on cuda"):
         F.batch_norm(torch.randn(4, 3, device="cuda"), None, None, torch.ones(3), None, training=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape,channels_last", [((64, 32, 9, 7), False), ((64, 32, 9, 7), True), ((300, 200), False),
+                                                  ((4, 3, 400, 400), False), ((3000, 700), False)])
+def test_fused_backward_equals_reduce_then_input(device, shape, channels_last):
+    """batch_norm_backward (one region where channels fit in cache, else the split ops) against
+    the split ops, on shapes either side of the cache threshold."""
+    x, w, b, rm, rv = make_case(shape, torch.float32, device, channels_last)
+    _, mean, invstd = torch.ops.fastbn.batch_norm(x, w, b, None, None, True, 0.1, 1e-5)
+    g = torch.randn_like(x)
+    dx, gw, gb = torch.ops.fastbn.batch_norm_backward(g, x, mean, invstd, w)
+    sdy, sdyxmu, gw2, gb2 = torch.ops.fastbn.batch_norm_backward_reduce(g, x, mean, invstd, w)
+    dx2 = torch.ops.fastbn.batch_norm_backward_input(g, x, mean, invstd, w, sdy, sdyxmu)
+    torch.testing.assert_close(dx, dx2, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gw, gw2, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gb, gb2, rtol=1e-5, atol=1e-5)
+    if channels_last:
+        assert dx.is_contiguous(memory_format=torch.channels_last)

@@ -6,6 +6,7 @@
 // vector width on newer ones.
 #pragma once
 #include <cstdint>
+#include <type_traits>  // used by kernels_impl.inc, which includes nothing itself
 
 namespace fastbn {
 namespace cpu {

@@ -435,6 +435,16 @@ Tensor batch_norm_backward_input_cuda(const Tensor& grad_output, const Tensor& i
   return dx;
 }
 
+// All three training-mode gradients: the two kernels above, in order.
+std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cuda(const Tensor& grad_output, const Tensor& input,
+                                                            const Tensor& mean, const Tensor& invstd,
+                                                            const OptTensor& weight) {
+  auto sums = batch_norm_backward_reduce_cuda(grad_output, input, mean, invstd, weight);
+  Tensor dx = batch_norm_backward_input_cuda(grad_output, input, mean, invstd, weight, std::get<0>(sums),
+                                             std::get<1>(sums));
+  return {dx, std::get<2>(sums), std::get<3>(sums)};
+}
+
 }  // namespace
 }  // namespace cuda
 
@@ -442,6 +452,7 @@ TORCH_LIBRARY_IMPL(fastbn, CUDA, m) {
   m.impl("batch_norm", &cuda::batch_norm_cuda);
   m.impl("batch_norm_backward_reduce", &cuda::batch_norm_backward_reduce_cuda);
   m.impl("batch_norm_backward_input", &cuda::batch_norm_backward_input_cuda);
+  m.impl("batch_norm_backward", &cuda::batch_norm_backward_cuda);
 }
 
 }  // namespace fastbn
