@@ -14,7 +14,6 @@ SOURCES    := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/* csrc/cuda/*)
 venv: $(VENV)/.installed
 $(VENV)/.installed:
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC) $(DEPS)
 	touch $@
 

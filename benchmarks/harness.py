@@ -14,16 +14,15 @@ from torch.utils import benchmark
 
 
 def batch_norm_bytes(numel, itemsize, training, backward):
-    """Bytes the BatchNorm kernels must move through memory.
+    """The least memory traffic BatchNorm can have: each tensor read or written once.
 
-    forward, training: read x for the statistics, read x and write y to normalise  -> 3 passes
-    forward, eval:     read x, write y                                              -> 2
-    backward: read x and dy for the per-channel sums, read x and dy and write dx     -> +5 (train)
-              eval needs no x for dx, but the weight gradient still reads x and dy   -> +4
+    forward: read x, write y                                      -> 2 passes
+    backward: read x and dy, write dx (x is needed for the weight
+    gradient, and for dx in training)                              -> +3
+    A two-phase kernel (statistics, then the elementwise pass) reads x once more in each
+    direction when the data does not stay in cache; that is a cost, not work, so it is not counted.
     """
-    passes = 3 if training else 2
-    if backward:
-        passes += 5 if training else 4
+    passes = 2 + (3 if backward else 0)
     return passes * numel * itemsize
 
 
