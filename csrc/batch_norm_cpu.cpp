@@ -57,8 +57,13 @@ struct PlaneBlocks {
 
 int64_t rows_per_chunk(int64_t C) { return std::max<int64_t>(1, kRowsBlock / std::max<int64_t>(C, 1)); }
 
-// Whole channels per task when there are enough of them; else blocks, then a merge.
-bool parallel_over_channels(int64_t C) { return C >= 4 * int64_t(at::get_num_threads()); }
+// Whole channels per task when there are enough of them and their runs are long enough to
+// stream (a channel's values are N runs of S, C * S apart); else blocks in memory order, then a
+// per-channel merge.
+constexpr int64_t kLongRun = 1024;
+bool parallel_over_channels(const BatchNormLayout& L) {
+  return L.C >= 4 * int64_t(at::get_num_threads()) && L.S >= kLongRun;
+}
 
 // Calls f(c, n, k, offset, length) for every block of channel c, in a fixed order.
 template <typename F>
@@ -74,7 +79,7 @@ void planar_moments(const BatchNormLayout& L, const T* x, double* mean, double* 
   const PlaneBlocks pb(L.S);
   const int64_t C = L.C, per_c = L.N * pb.splits;
   auto block_count = [&](int64_t r) { return double(pb.length(r % pb.splits, L.S)); };
-  if (parallel_over_channels(C)) {
+  if (parallel_over_channels(L)) {
     at::parallel_for(0, C, std::max<int64_t>(1, kGrainValues / L.per_channel()), [&](int64_t c0, int64_t c1) {
       std::vector<double> bm(per_c), bm2(per_c);
       for (int64_t c = c0; c < c1; ++c) {
@@ -86,15 +91,23 @@ void planar_moments(const BatchNormLayout& L, const T* x, double* mean, double* 
     });
     return;
   }
+  // block b = (n * C + c) * splits + s: the blocks in memory order
   std::vector<double> pmean(C * per_c), pm2(C * per_c);
   at::parallel_for(0, C * per_c, std::max<int64_t>(1, kGrainValues / pb.len), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      const int64_t c = b / per_c, r = b % per_c, n = r / pb.splits, s = r % pb.splits;
-      k.plane_stats(x + (n * C + c) * L.S + pb.start(s), pb.length(s, L.S), &pmean[b], &pm2[b]);
+      const int64_t plane = b / pb.splits, s = b % pb.splits;
+      k.plane_stats(x + plane * L.S + pb.start(s), pb.length(s, L.S), &pmean[b], &pm2[b]);
     }
   });
-  for (int64_t c = 0; c < C; ++c)
-    merge_moments(per_c, block_count, &pmean[c * per_c], &pm2[c * per_c], 1, &mean[c], &m2[c]);
+  std::vector<double> bm(per_c), bm2(per_c);
+  for (int64_t c = 0; c < C; ++c) {
+    for (int64_t n = 0; n < L.N; ++n)
+      for (int64_t s = 0; s < pb.splits; ++s) {
+        bm[n * pb.splits + s] = pmean[(n * C + c) * pb.splits + s];
+        bm2[n * pb.splits + s] = pm2[(n * C + c) * pb.splits + s];
+      }
+    merge_moments(per_c, block_count, bm.data(), bm2.data(), 1, &mean[c], &m2[c]);
+  }
 }
 
 // Channel slices for the rows layout: with enough channels each task owns whole channels (one
@@ -185,7 +198,7 @@ struct ChannelGroups {
     if (L.planar) {
       width = 1;
       count = L.C;
-      usable = L.C >= 4 * threads;
+      usable = parallel_over_channels(L);
     } else {
       const ColumnSlices cs(L.C);
       width = cs.width;
@@ -419,25 +432,25 @@ void grad_sums(const BatchNormLayout& L, const T* g, const T* x, const std::vect
       sdy[c] = s1;
       sdyxmu[c] = s2;
     };
-    if (parallel_over_channels(C)) {
+    if (parallel_over_channels(L)) {
       at::parallel_for(0, C, std::max<int64_t>(1, kGrainValues / L.per_channel()), [&](int64_t c0, int64_t c1) {
         for (int64_t c = c0; c < c1; ++c) channel(c);
       });
       return;
     }
-    std::vector<double> p1(C * per_c), p2(C * per_c);
+    std::vector<double> p1(C * per_c), p2(C * per_c);  // blocks in memory order, as planar_moments
     at::parallel_for(0, C * per_c, std::max<int64_t>(1, kGrainValues / pb.len), [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
-        const int64_t c = b / per_c, r = b % per_c, n = r / pb.splits, s = r % pb.splits;
-        const int64_t off = (n * C + c) * L.S + pb.start(s);
-        k.plane_grad_sums(g + off, x + off, pb.length(s, L.S), mu[c], &p1[b], &p2[b]);
+        const int64_t plane = b / pb.splits, s = b % pb.splits, off = plane * L.S + pb.start(s);
+        k.plane_grad_sums(g + off, x + off, pb.length(s, L.S), mu[plane % C], &p1[b], &p2[b]);
       }
     });
-    for (int64_t c = 0; c < C; ++c)
-      for (int64_t r = 0; r < per_c; ++r) {
-        sdy[c] += p1[c * per_c + r];
-        sdyxmu[c] += p2[c * per_c + r];
-      }
+    for (int64_t n = 0; n < L.N; ++n)  // fixed order: deterministic
+      for (int64_t c = 0; c < C; ++c)
+        for (int64_t s = 0; s < pb.splits; ++s) {
+          sdy[c] += p1[(n * C + c) * pb.splits + s];
+          sdyxmu[c] += p2[(n * C + c) * pb.splits + s];
+        }
     return;
   }
   const int64_t M = L.per_channel();
