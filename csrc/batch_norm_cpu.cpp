@@ -72,44 +72,6 @@ void for_channel_blocks(const BatchNormLayout& L, const PlaneBlocks& pb, int64_t
     for (int64_t k = 0; k < pb.splits; ++k) f(n, k, (n * L.C + c) * L.S + pb.start(k), pb.length(k, L.S));
 }
 
-// Per-channel (mean, m2) of a planar input, stable and deterministic.
-template <typename T>
-void planar_moments(const BatchNormLayout& L, const T* x, double* mean, double* m2) {
-  const auto& k = cpu::kernels_for<T>();
-  const PlaneBlocks pb(L.S);
-  const int64_t C = L.C, per_c = L.N * pb.splits;
-  auto block_count = [&](int64_t r) { return double(pb.length(r % pb.splits, L.S)); };
-  if (parallel_over_channels(L)) {
-    at::parallel_for(0, C, std::max<int64_t>(1, kGrainValues / L.per_channel()), [&](int64_t c0, int64_t c1) {
-      std::vector<double> bm(per_c), bm2(per_c);
-      for (int64_t c = c0; c < c1; ++c) {
-        for_channel_blocks(L, pb, c, [&](int64_t n, int64_t s, int64_t off, int64_t len) {
-          k.plane_stats(x + off, len, &bm[n * pb.splits + s], &bm2[n * pb.splits + s]);
-        });
-        merge_moments(per_c, block_count, bm.data(), bm2.data(), 1, &mean[c], &m2[c]);
-      }
-    });
-    return;
-  }
-  // block b = (n * C + c) * splits + s: the blocks in memory order
-  std::vector<double> pmean(C * per_c), pm2(C * per_c);
-  at::parallel_for(0, C * per_c, std::max<int64_t>(1, kGrainValues / pb.len), [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t plane = b / pb.splits, s = b % pb.splits;
-      k.plane_stats(x + plane * L.S + pb.start(s), pb.length(s, L.S), &pmean[b], &pm2[b]);
-    }
-  });
-  std::vector<double> bm(per_c), bm2(per_c);
-  for (int64_t c = 0; c < C; ++c) {
-    for (int64_t n = 0; n < L.N; ++n)
-      for (int64_t s = 0; s < pb.splits; ++s) {
-        bm[n * pb.splits + s] = pmean[(n * C + c) * pb.splits + s];
-        bm2[n * pb.splits + s] = pm2[(n * C + c) * pb.splits + s];
-      }
-    merge_moments(per_c, block_count, bm.data(), bm2.data(), 1, &mean[c], &m2[c]);
-  }
-}
-
 // Channel slices for the rows layout: with enough channels each task owns whole channels (one
 // parallel region, no cross-thread merge, and its slice stays in its core's cache); with few
 // channels a single slice, cut into row chunks that the threads share.
@@ -125,63 +87,6 @@ struct ColumnSlices {
   int64_t length(int64_t s, int64_t C) const { return std::min(width, C - s * width); }
 };
 
-// Per-channel (mean, m2) of a rows (channels-innermost) input.
-template <typename T>
-void rows_moments(const BatchNormLayout& L, const T* x, double* mean, double* m2) {
-  const auto& k = cpu::kernels_for<T>();
-  const int64_t C = L.C, M = L.per_channel();
-  const ColumnSlices cs(C);
-  if (cs.count > 1) {
-    at::parallel_for(0, cs.count, 1, [&](int64_t s0, int64_t s1) {
-      for (int64_t s = s0; s < s1; ++s) {
-        const int64_t c0 = cs.start(s), W = cs.length(s, C);
-        const int64_t rows = rows_per_chunk(W), chunks = (M + rows - 1) / rows;
-        std::vector<double> pmean(chunks * W), pm2(chunks * W);
-        std::vector<cpu::acc_t<T>> scratch(2 * W);
-        for (int64_t q = 0; q < chunks; ++q) {
-          const int64_t r0 = q * rows;
-          k.rows_stats(x + r0 * C + c0, std::min(rows, M - r0), W, C, &pmean[q * W], &pm2[q * W], scratch.data());
-        }
-        auto chunk_count = [&](int64_t q) { return double(std::min(rows, M - q * rows)); };
-        for (int64_t c = 0; c < W; ++c)
-          merge_moments(chunks, chunk_count, &pmean[c], &pm2[c], W, &mean[c0 + c], &m2[c0 + c]);
-      }
-    });
-    return;
-  }
-  const int64_t rows = rows_per_chunk(C), chunks = (M + rows - 1) / rows;
-  std::vector<double> pmean(chunks * C), pm2(chunks * C);
-  at::parallel_for(0, chunks, 1, [&](int64_t q0, int64_t q1) {
-    std::vector<cpu::acc_t<T>> scratch(2 * C);
-    for (int64_t q = q0; q < q1; ++q) {
-      const int64_t r0 = q * rows;
-      k.rows_stats(x + r0 * C, std::min(rows, M - r0), C, C, &pmean[q * C], &pm2[q * C], scratch.data());
-    }
-  });
-  auto chunk_count = [&](int64_t q) { return double(std::min(rows, M - q * rows)); };
-  for (int64_t c = 0; c < C; ++c) merge_moments(chunks, chunk_count, &pmean[c], &pm2[c], C, &mean[c], &m2[c]);
-}
-
-// Walks the layout in memory order: f(offset, length, channel) for planar runs, or
-// g(row0, nrows) for row chunks; parallel, each task a contiguous range.
-template <typename F, typename G>
-void for_each_span(const BatchNormLayout& L, F&& planar_fn, G&& rows_fn) {
-  if (L.planar) {
-    const PlaneBlocks pb(L.S);
-    at::parallel_for(0, L.N * L.C * pb.splits, std::max<int64_t>(1, kGrainValues / pb.len), [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        const int64_t plane = b / pb.splits, s = b % pb.splits;
-        planar_fn(plane * L.S + pb.start(s), pb.length(s, L.S), plane % L.C);
-      }
-    });
-  } else {
-    const int64_t M = L.per_channel(), rows = rows_per_chunk(L.C);
-    at::parallel_for(0, (M + rows - 1) / rows, 1, [&](int64_t q0, int64_t q1) {
-      for (int64_t q = q0; q < q1; ++q) rows_fn(q * rows, std::min(rows, M - q * rows));
-    });
-  }
-}
-
 // ---- fused paths: a task owns whole channels ---------------------------------------------------
 //
 // When every task can own whole channels and their values fit in its core's L2, the statistics
@@ -191,6 +96,8 @@ void for_each_span(const BatchNormLayout& L, F&& planar_fn, G&& rows_fn) {
 constexpr int64_t kGroupCacheBytes = int64_t(1) << 20;
 
 struct ChannelGroups {
+  // usable: whole-channel tasks apply, and (unless bytes_per_value is 0) a group's values fit
+  // kGroupCacheBytes, so that the fused paths re-read them from cache
   bool usable;
   int64_t count, width;  // width: channels per group
   ChannelGroups(const BatchNormLayout& L, int64_t bytes_per_value) {
@@ -303,6 +210,76 @@ void group_grad_input(const BatchNormLayout& L, const T* g, const T* x, T* dx, i
   k.rows_grad_input(g + c0, x + c0, dx + c0, L.per_channel(), W, L.C, m + c0, a + c0, b + c0, c + c0);
 }
 
+// Per-channel (mean, m2), stable and deterministic: whole-channel tasks where the layout allows
+// (see ChannelGroups), else blocks in memory order -- planar runs, or row chunks -- then a
+// per-channel merge in a fixed order.
+template <typename T>
+void channel_moments(const BatchNormLayout& L, const T* x, double* mean, double* m2) {
+  const int64_t C = L.C;
+  const ChannelGroups groups(L, /*bytes_per_value=*/0);  // no cache limit: one pass either way
+  if (groups.usable) {
+    at::parallel_for(0, groups.count, 1, [&](int64_t g0, int64_t g1) {
+      for (int64_t g = g0; g < g1; ++g) group_moments<T>(L, x, groups.start(g), groups.length(g, C), mean, m2);
+    });
+    return;
+  }
+  const auto& k = cpu::kernels_for<T>();
+  if (L.planar) {
+    const PlaneBlocks pb(L.S);
+    const int64_t per_c = L.N * pb.splits;
+    auto block_count = [&](int64_t r) { return double(pb.length(r % pb.splits, L.S)); };
+    // block b = (n * C + c) * splits + s: the blocks in memory order
+    std::vector<double> pmean(C * per_c), pm2(C * per_c);
+    at::parallel_for(0, C * per_c, std::max<int64_t>(1, kGrainValues / pb.len), [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t plane = b / pb.splits, s = b % pb.splits;
+        k.plane_stats(x + plane * L.S + pb.start(s), pb.length(s, L.S), &pmean[b], &pm2[b]);
+      }
+    });
+    std::vector<double> bm(per_c), bm2(per_c);
+    for (int64_t c = 0; c < C; ++c) {
+      for (int64_t n = 0; n < L.N; ++n)
+        for (int64_t s = 0; s < pb.splits; ++s) {
+          bm[n * pb.splits + s] = pmean[(n * C + c) * pb.splits + s];
+          bm2[n * pb.splits + s] = pm2[(n * C + c) * pb.splits + s];
+        }
+      merge_moments(per_c, block_count, bm.data(), bm2.data(), 1, &mean[c], &m2[c]);
+    }
+    return;
+  }
+  const int64_t M = L.per_channel(), rows = rows_per_chunk(C), chunks = (M + rows - 1) / rows;
+  std::vector<double> pmean(chunks * C), pm2(chunks * C);
+  at::parallel_for(0, chunks, 1, [&](int64_t q0, int64_t q1) {
+    std::vector<cpu::acc_t<T>> scratch(2 * C);
+    for (int64_t q = q0; q < q1; ++q) {
+      const int64_t r0 = q * rows;
+      k.rows_stats(x + r0 * C, std::min(rows, M - r0), C, C, &pmean[q * C], &pm2[q * C], scratch.data());
+    }
+  });
+  auto chunk_count = [&](int64_t q) { return double(std::min(rows, M - q * rows)); };
+  for (int64_t c = 0; c < C; ++c) merge_moments(chunks, chunk_count, &pmean[c], &pm2[c], C, &mean[c], &m2[c]);
+}
+
+// Walks the layout in memory order: f(offset, length, channel) for planar runs, or
+// g(row0, nrows) for row chunks; parallel, each task a contiguous range.
+template <typename F, typename G>
+void for_each_span(const BatchNormLayout& L, F&& planar_fn, G&& rows_fn) {
+  if (L.planar) {
+    const PlaneBlocks pb(L.S);
+    at::parallel_for(0, L.N * L.C * pb.splits, std::max<int64_t>(1, kGrainValues / pb.len), [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t plane = b / pb.splits, s = b % pb.splits;
+        planar_fn(plane * L.S + pb.start(s), pb.length(s, L.S), plane % L.C);
+      }
+    });
+  } else {
+    const int64_t M = L.per_channel(), rows = rows_per_chunk(L.C);
+    at::parallel_for(0, (M + rows - 1) / rows, 1, [&](int64_t q0, int64_t q1) {
+      for (int64_t q = q0; q < q1; ++q) rows_fn(q * rows, std::min(rows, M - q * rows));
+    });
+  }
+}
+
 // Per-channel tensors <-> double vectors, in their own dtype and stride, no temporaries.
 std::vector<double> read_channels(const OptTensor& t, int64_t C, double fill) {
   std::vector<double> v(C, fill);
@@ -385,8 +362,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_cpu(const Tensor& input, const Opt
       return;
     }
     if (training) {
-      if (L.planar) planar_moments<T>(L, x, mean.data(), m2.data());
-      else rows_moments<T>(L, x, mean.data(), m2.data());
+      channel_moments<T>(L, x, mean.data(), m2.data());
     }
     constants(0, C);
     if (M == 0) return;
@@ -411,68 +387,40 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_cpu(const Tensor& input, const Opt
   return {out, channel_tensor(mean, input, acc), channel_tensor(invstd, input, acc)};
 }
 
-// sum(dy) and sum(dy * (x - mean)) per channel.
+// sum(dy) and sum(dy * (x - mean)) per channel, as channel_moments: whole-channel tasks where
+// the layout allows, else blocks in memory order summed per channel in a fixed order.
 template <typename T>
 void grad_sums(const BatchNormLayout& L, const T* g, const T* x, const std::vector<cpu::acc_t<T>>& mu,
                std::vector<double>& sdy, std::vector<double>& sdyxmu) {
   using A = cpu::acc_t<T>;
   const auto& k = cpu::kernels_for<T>();
   const int64_t C = L.C;
+  const ChannelGroups groups(L, /*bytes_per_value=*/0);
+  if (groups.usable) {
+    at::parallel_for(0, groups.count, 1, [&](int64_t g0, int64_t g1) {
+      for (int64_t grp = g0; grp < g1; ++grp)
+        group_grad_sums<T>(L, g, x, groups.start(grp), groups.length(grp, C), mu.data(), sdy.data(), sdyxmu.data());
+    });
+    return;
+  }
   if (L.planar) {
     const PlaneBlocks pb(L.S);
     const int64_t per_c = L.N * pb.splits;
-    auto channel = [&](int64_t c) {
-      double s1 = 0, s2 = 0;
-      for_channel_blocks(L, pb, c, [&](int64_t, int64_t, int64_t off, int64_t len) {
-        double b1, b2;
-        k.plane_grad_sums(g + off, x + off, len, mu[c], &b1, &b2);
-        s1 += b1;
-        s2 += b2;
-      });
-      sdy[c] = s1;
-      sdyxmu[c] = s2;
-    };
-    if (parallel_over_channels(L)) {
-      at::parallel_for(0, C, std::max<int64_t>(1, kGrainValues / L.per_channel()), [&](int64_t c0, int64_t c1) {
-        for (int64_t c = c0; c < c1; ++c) channel(c);
-      });
-      return;
-    }
-    std::vector<double> p1(C * per_c), p2(C * per_c);  // blocks in memory order, as planar_moments
+    std::vector<double> p1(C * per_c), p2(C * per_c);  // block (n * C + c) * splits + s
     at::parallel_for(0, C * per_c, std::max<int64_t>(1, kGrainValues / pb.len), [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t plane = b / pb.splits, s = b % pb.splits, off = plane * L.S + pb.start(s);
         k.plane_grad_sums(g + off, x + off, pb.length(s, L.S), mu[plane % C], &p1[b], &p2[b]);
       }
     });
-    for (int64_t n = 0; n < L.N; ++n)  // fixed order: deterministic
-      for (int64_t c = 0; c < C; ++c)
-        for (int64_t s = 0; s < pb.splits; ++s) {
-          sdy[c] += p1[(n * C + c) * pb.splits + s];
-          sdyxmu[c] += p2[(n * C + c) * pb.splits + s];
-        }
+    for (int64_t b = 0; b < C * per_c; ++b) {  // memory order: deterministic
+      const int64_t c = (b / pb.splits) % C;
+      sdy[c] += p1[b];
+      sdyxmu[c] += p2[b];
+    }
     return;
   }
-  const int64_t M = L.per_channel();
-  const ColumnSlices cs(C);
-  if (cs.count > 1) {  // whole channels per task, as rows_moments
-    at::parallel_for(0, cs.count, 1, [&](int64_t s0, int64_t s1) {
-      for (int64_t s = s0; s < s1; ++s) {
-        const int64_t c0 = cs.start(s), W = cs.length(s, C);
-        const int64_t rows = rows_per_chunk(W);
-        std::vector<A> p1(W), p2(W);
-        for (int64_t r0 = 0; r0 < M; r0 += rows) {
-          k.rows_grad_sums(g + r0 * C + c0, x + r0 * C + c0, std::min(rows, M - r0), W, C, &mu[c0], p1.data(), p2.data());
-          for (int64_t c = 0; c < W; ++c) {
-            sdy[c0 + c] += p1[c];
-            sdyxmu[c0 + c] += p2[c];
-          }
-        }
-      }
-    });
-    return;
-  }
-  const int64_t rows = rows_per_chunk(C), chunks = (M + rows - 1) / rows;
+  const int64_t M = L.per_channel(), rows = rows_per_chunk(C), chunks = (M + rows - 1) / rows;
   std::vector<A> p1(chunks * C), p2(chunks * C);
   at::parallel_for(0, chunks, 1, [&](int64_t q0, int64_t q1) {
     for (int64_t q = q0; q < q1; ++q) {
