@@ -439,8 +439,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_backward_reduce_cpu(const 
                                                                           const Tensor& input, const Tensor& mean,
                                                                           const Tensor& invstd, const OptTensor& weight) {
   const char* op = "fastbn.batch_norm_backward_reduce";
-  check_batch_norm_backward_args(op, grad_output, input, mean, invstd);
-  check_channel_tensor(op, "weight", weight, input);
+  check_batch_norm_backward_args(op, grad_output, input, mean, invstd, weight);
   const BatchNormLayout L = batch_norm_layout(input);
   const Tensor dy = grad_output.contiguous(L.format);
   const int64_t C = L.C;
@@ -512,8 +511,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(const Tensor& grad_ou
                                                            const Tensor& mean, const Tensor& invstd,
                                                            const OptTensor& weight) {
   const char* op = "fastbn.batch_norm_backward";
-  check_batch_norm_backward_args(op, grad_output, input, mean, invstd);
-  check_channel_tensor(op, "weight", weight, input);
+  check_batch_norm_backward_args(op, grad_output, input, mean, invstd, weight);
   const BatchNormLayout L = batch_norm_layout(input);
   const int64_t C = L.C, M = L.per_channel();
   const bool fused = M > 0 && ChannelGroups(L, 2 * input.element_size()).usable;

@@ -119,6 +119,10 @@ inline void check_linear_args(const char* op, const Tensor& input, const Tensor&
   }
 }
 
+// (grad_output, saved) as dense (M, N) matrices, after the checks below.
+inline std::pair<Tensor, Tensor> leaky_relu_grad_operands(const char* op, const Tensor& grad_output,
+                                                          const Tensor& saved, bool allow_half);
+
 inline void check_leaky_relu_grad_args(const char* op, const Tensor& grad_output,
                                        const Tensor& saved, bool allow_half) {
   check_float_input(op, saved, allow_half);
@@ -133,7 +137,7 @@ inline void check_leaky_relu_grad_args(const char* op, const Tensor& grad_output
 
 inline void check_batch_norm_backward_args(const char* op, const Tensor& grad_output,
                                            const Tensor& input, const Tensor& mean,
-                                           const Tensor& invstd) {
+                                           const Tensor& invstd, const OptTensor& weight) {
   TORCH_CHECK(grad_output.sizes() == input.sizes(), op, ": grad_output of shape ",
               grad_output.sizes(), " does not match input of shape ", input.sizes());
   TORCH_CHECK(grad_output.scalar_type() == input.scalar_type(), op, ": grad_output dtype ",
@@ -148,18 +152,25 @@ inline void check_batch_norm_backward_args(const char* op, const Tensor& grad_ou
     check_same_device(op, input, "input", *t, "saved statistics");
   }
   check_same_device(op, input, "input", grad_output, "grad_output");
+  check_channel_tensor(op, "weight", weight, input);
 }
 
 // Returns whether this is the training-mode input gradient (the per-channel sums are given).
 inline bool check_batch_norm_backward_input_args(const char* op, const Tensor& grad_output, const Tensor& input,
                                                  const Tensor& mean, const Tensor& invstd, const OptTensor& weight,
                                                  const OptTensor& sum_dy, const OptTensor& sum_dy_xmu) {
-  check_batch_norm_backward_args(op, grad_output, input, mean, invstd);
-  check_channel_tensor(op, "weight", weight, input);
+  check_batch_norm_backward_args(op, grad_output, input, mean, invstd, weight);
   const bool training = sum_dy.has_value() && sum_dy->defined();
   TORCH_CHECK(training == (sum_dy_xmu.has_value() && sum_dy_xmu->defined()), op,
               ": sum_dy and sum_dy_xmu must both be given (training) or both be None (eval)");
   return training;
+}
+
+inline std::pair<Tensor, Tensor> leaky_relu_grad_operands(const char* op, const Tensor& grad_output,
+                                                          const Tensor& saved, bool allow_half) {
+  check_leaky_relu_grad_args(op, grad_output, saved, allow_half);
+  const int64_t N = saved.size(-1);
+  return {grad_output.reshape({-1, N}).contiguous(), saved.reshape({-1, N}).contiguous()};
 }
 
 }  // namespace fastbn

@@ -44,11 +44,12 @@ Tensor linear_leaky_relu_cpu(const Tensor& input, const Tensor& weight, const Op
 
 std::tuple<Tensor, Tensor> leaky_relu_backward_bias_cpu(const Tensor& grad_output,
                                                         const Tensor& saved, double negative_slope) {
-  check_leaky_relu_grad_args("fastbn.leaky_relu_backward_bias", grad_output, saved, /*allow_half=*/false);
-  const int64_t N = saved.size(-1);
-  const Tensor g = grad_output.reshape({-1, N}).contiguous();
-  const Tensor s = saved.reshape({-1, N}).contiguous();
-  const int64_t M = g.size(0);
+  // not a structured binding: lambdas below capture these, which C++17 (torch < 2.12) forbids
+  const auto operands = leaky_relu_grad_operands("fastbn.leaky_relu_backward_bias", grad_output, saved,
+                                                 /*allow_half=*/false);
+  const Tensor& g = operands.first;
+  const Tensor& s = operands.second;
+  const int64_t M = g.size(0), N = g.size(1);
   Tensor gz = at::empty_like(g);
   const auto acc = acc_type(saved.scalar_type());
   Tensor gbias = at::zeros({N}, saved.options().dtype(acc));

@@ -96,12 +96,12 @@ Tensor linear_leaky_relu_cuda(const Tensor& input, const Tensor& weight, const O
 std::tuple<Tensor, Tensor> leaky_relu_backward_bias_cuda(const Tensor& grad_output, const Tensor& saved,
                                                          double negative_slope) {
   const char* op = "fastbn.leaky_relu_backward_bias";
-  check_leaky_relu_grad_args(op, grad_output, saved, /*allow_half=*/true);
+  // not a structured binding: lambdas below capture these, which C++17 (torch < 2.12) forbids
+  const auto operands = leaky_relu_grad_operands(op, grad_output, saved, /*allow_half=*/true);
+  const Tensor& g = operands.first;
+  const Tensor& s = operands.second;
   const c10::cuda::CUDAGuard guard(saved.device());
-  const int64_t N = saved.size(-1);
-  const Tensor g = grad_output.reshape({-1, N}).contiguous();
-  const Tensor s = saved.reshape({-1, N}).contiguous();
-  const int64_t M = g.size(0);
+  const int64_t M = g.size(0), N = g.size(1);
   Tensor gz = at::empty_like(g);
   const auto acc = acc_type(saved.scalar_type());
   if (M == 0 || N == 0)
