@@ -82,8 +82,20 @@ def plot_curves(history, path, title, target=None):
     plt.close(fig)
 
 
+def git_commit():
+    """The checkout's commit, when fastbn runs from one (recorded in logs and the report)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parent, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
 def versions():
-    out = {"python": platform.python_version(), "numpy": np.__version__, "machine": platform.machine(),
+    out = {"commit": git_commit(), "python": platform.python_version(), "numpy": np.__version__, "machine": platform.machine(),
            "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count()}
     if "torch" in sys.modules and sys.modules["torch"] is not None:
         import torch
@@ -296,7 +308,7 @@ def write_report(out, rows, args):
         "# fastbn: the CIFAR-10 study, reproduced",
         "",
         f"Command: `fastbn-train reproduce{' --device ' + args.device if args.device != 'cpu' else ''}` "
-        f"({time.strftime('%Y-%m-%d')}). Device: {args.device} ({v['processor']}, {v['cpus']} CPUs); "
+        f"({time.strftime('%Y-%m-%d')}, commit {v['commit']}). Device: {args.device} ({v['processor']}, {v['cpus']} CPUs); "
         f"torch {v.get('torch', '-')}, numpy {v['numpy']}, python {v['python']}.",
         "",
         "Data: " + ("synthetic (not CIFAR-10)" if args.synthetic else
