@@ -459,7 +459,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_backward_reduce_cpu(const 
   std::vector<double> gw(C);
   for (int64_t c = 0; c < C; ++c) gw[c] = sdyxmu[c] * is[c];
   const auto acc = mean.scalar_type();
-  const auto pdtype = weight.has_value() && weight->defined() ? weight->scalar_type() : acc;
+  const auto pdtype = param_grad_dtype(weight, mean);
   return {channel_tensor(sdy, mean, acc), channel_tensor(sdyxmu, mean, acc), channel_tensor(gw, mean, pdtype),
           channel_tensor(sdy, mean, pdtype)};
 }
@@ -550,7 +550,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(const Tensor& grad_ou
   });
   std::vector<double> gw(C);
   for (int64_t j = 0; j < C; ++j) gw[j] = sdyxmu[j] * is[j];
-  const auto pdtype = weight.has_value() && weight->defined() ? weight->scalar_type() : mean.scalar_type();
+  const auto pdtype = param_grad_dtype(weight, mean);
   return {dx, channel_tensor(gw, mean, pdtype), channel_tensor(sdy, mean, pdtype)};
 }
 

@@ -155,6 +155,11 @@ inline void check_batch_norm_backward_args(const char* op, const Tensor& grad_ou
   check_channel_tensor(op, "weight", weight, input);
 }
 
+// dtype of grad_weight / grad_bias: the weight's, or the statistics' (accumulation) dtype without one.
+inline at::ScalarType param_grad_dtype(const OptTensor& weight, const Tensor& mean) {
+  return weight.has_value() && weight->defined() ? weight->scalar_type() : mean.scalar_type();
+}
+
 // Returns whether this is the training-mode input gradient (the per-channel sums are given).
 inline bool check_batch_norm_backward_input_args(const char* op, const Tensor& grad_output, const Tensor& input,
                                                  const Tensor& mean, const Tensor& invstd, const OptTensor& weight,

@@ -364,7 +364,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_backward_reduce_cuda(const
                                                                            const Tensor& invstd, const OptTensor& weight) {
   const char* op = "fastbn.batch_norm_backward_reduce";
   check_batch_norm_backward_args(op, grad_output, input, mean, invstd, weight);
-  const auto pdtype = weight.has_value() && weight->defined() ? weight->scalar_type() : mean.scalar_type();
+  const auto pdtype = param_grad_dtype(weight, mean);
   const c10::cuda::CUDAGuard guard(input.device());
   const BatchNormLayout L = batch_norm_layout(input);
   const Tensor dy = grad_output.contiguous(L.format);
