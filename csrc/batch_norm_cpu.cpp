@@ -20,9 +20,13 @@
 namespace fastbn {
 namespace {
 
-constexpr int64_t kPlaneBlock = 4096;  // values of one channel per block (fits L1)
+constexpr int64_t kPlaneBlock = 4096;  // values of one channel per block (16 KB of float: fits L1)
 constexpr int64_t kRowsBlock = 65536;  // values per row-chunk in the channels-innermost layout (L2)
 constexpr int64_t kGrainValues = 32768;  // below this, a parallel region runs inline
+
+// at::parallel_for grain for `tasks` tasks over `values` values in all: one inline task for
+// small inputs, where waking the other threads costs more than the work.
+int64_t grain(int64_t tasks, int64_t values) { return values < kGrainValues ? std::max<int64_t>(tasks, 1) : 1; }
 
 // Merges K partial (count, mean, m2) of one channel, in a fixed order:
 //   mean = sum(n_k * mean_k) / n,   m2 = sum(m2_k + n_k * (mean_k - mean)^2)
@@ -31,6 +35,11 @@ constexpr int64_t kGrainValues = 32768;  // below this, a parallel region runs i
 template <typename CountFn>
 void merge_moments(int64_t K, CountFn count, const double* pmean, const double* pm2, int64_t stride,
                    double* mean_out, double* m2_out) {
+  if (K == 1) {
+    *mean_out = pmean[0];
+    *m2_out = pm2[0];
+    return;
+  }
   double n = 0, s = 0;
   for (int64_t k = 0; k < K; ++k) {
     n += count(k);
@@ -46,40 +55,88 @@ void merge_moments(int64_t K, CountFn count, const double* pmean, const double* 
   *m2_out = m2;
 }
 
-// Each (n, c) run of S values is cut into `splits` blocks of at most `len`.
-struct PlaneBlocks {
-  int64_t splits, len;
-  explicit PlaneBlocks(int64_t S)
-      : splits(std::max<int64_t>(1, (S + kPlaneBlock - 1) / kPlaneBlock)), len((S + splits - 1) / splits) {}
-  int64_t start(int64_t k) const { return k * len; }
-  int64_t length(int64_t k, int64_t S) const { return std::min(len, S - k * len); }
-};
+// Rows per chunk of the rows layout: a cache block of all C columns, but at least 8 chunks so
+// that threads sharing the rows get even shares. The same chunks whether a task owns a column
+// slice or a range of chunks, and from the shape alone, so that the partial statistics -- and
+// so the results, to the bit -- do not depend on the thread count or the path taken.
+constexpr int64_t kMinRowChunks = 8;
+int64_t rows_per_chunk(int64_t C, int64_t M) {
+  const int64_t block = std::max<int64_t>(1, kRowsBlock / std::max<int64_t>(C, 1));
+  return std::max<int64_t>(1, std::min(block, (M + kMinRowChunks - 1) / kMinRowChunks));
+}
 
-int64_t rows_per_chunk(int64_t C) { return std::max<int64_t>(1, kRowsBlock / std::max<int64_t>(C, 1)); }
+// merge_moments for C channels at once, the K partials of channel c at [k * C + c]: the same
+// arithmetic, in the same order, vectorised over channels.
+template <typename CountFn>
+void merge_columns(int64_t K, CountFn count, const double* pmean, const double* pm2, int64_t C, double* mean,
+                   double* m2) {
+  if (K == 1) {
+    for (int64_t c = 0; c < C; ++c) {
+      mean[c] = pmean[c];
+      m2[c] = pm2[c];
+    }
+    return;
+  }
+  double n = 0;
+  for (int64_t k = 0; k < K; ++k) n += count(k);
+  for (int64_t c = 0; c < C; ++c) mean[c] = m2[c] = 0;
+  for (int64_t k = 0; k < K; ++k) {
+    const double w = count(k);
+    const double* pk = pmean + k * C;
+    for (int64_t c = 0; c < C; ++c) mean[c] += w * pk[c];
+  }
+  for (int64_t c = 0; c < C; ++c) mean[c] /= n;
+  for (int64_t k = 0; k < K; ++k) {
+    const double w = count(k);
+    const double *pk = pmean + k * C, *qk = pm2 + k * C;
+    for (int64_t c = 0; c < C; ++c) {
+      const double d = pk[c] - mean[c];
+      m2[c] += qk[c] + w * d * d;
+    }
+  }
+}
 
-// Whole channels per task when there are enough of them and their runs are long enough to
-// stream (a channel's values are N runs of S, C * S apart); else blocks in memory order, then a
-// per-channel merge.
-constexpr int64_t kLongRun = 1024;
+// Whole channels per task when there are enough of them (a channel's values are N runs of S,
+// C * S apart; the kernels prefetch short runs ahead) and runs are at least a cache line; else
+// the threads share all (block, channel) pairs, then a per-channel merge. Both walk the same
+// blocks and merge them in the same order: the same results to the bit.
+constexpr int64_t kMinRun = 16;
 bool parallel_over_channels(const BatchNormLayout& L) {
-  return L.C >= 4 * int64_t(at::get_num_threads()) && L.S >= kLongRun;
+  return L.C >= 4 * int64_t(at::get_num_threads()) && L.S >= kMinRun;
 }
 
-// Calls f(c, n, k, offset, length) for every block of channel c, in a fixed order.
-template <typename F>
-void for_channel_blocks(const BatchNormLayout& L, const PlaneBlocks& pb, int64_t c, F&& f) {
-  for (int64_t n = 0; n < L.N; ++n)
-    for (int64_t k = 0; k < pb.splits; ++k) f(n, k, (n * L.C + c) * L.S + pb.start(k), pb.length(k, L.S));
-}
+// One channel's N runs of S values (C * S apart) in blocks that fit L1: several whole runs per
+// block when runs are short, else each run cut into pieces. Block b of every channel holds the
+// same number of values.
+struct ChannelBlocks {
+  int64_t N, C, S, runs_per_block, splits, len, count;  // count: blocks per channel
+  explicit ChannelBlocks(const BatchNormLayout& L) : N(L.N), C(L.C), S(L.S) {
+    runs_per_block = S <= kPlaneBlock ? std::max<int64_t>(1, kPlaneBlock / std::max<int64_t>(S, 1)) : 1;
+    splits = S <= kPlaneBlock ? 1 : (S + kPlaneBlock - 1) / kPlaneBlock;
+    len = (S + splits - 1) / splits;
+    count = (N + runs_per_block - 1) / runs_per_block * splits;
+  }
+  int64_t stride() const { return C * S; }
+  int64_t runs(int64_t b) const { return std::min(runs_per_block, N - b / splits * runs_per_block); }
+  int64_t length(int64_t b) const { return std::min(len, S - b % splits * len); }
+  int64_t offset(int64_t b, int64_t c) const { return (b / splits * runs_per_block * C + c) * S + b % splits * len; }
+  double values(int64_t b) const { return double(runs(b) * length(b)); }
+  // f(block, offset, runs, length) for every block of channel c, in order
+  template <typename F>
+  void each(int64_t c, F&& f) const {
+    for (int64_t b = 0; b < count; ++b) f(b, offset(b, c), runs(b), length(b));
+  }
+};
 
 // Channel slices for the rows layout: with enough channels each task owns whole channels (one
 // parallel region, no cross-thread merge, and its slice stays in its core's cache); with few
 // channels a single slice, cut into row chunks that the threads share.
 struct ColumnSlices {
   int64_t count, width;
-  explicit ColumnSlices(int64_t C) {
+  ColumnSlices(int64_t C, int64_t itemsize) {
     const int64_t threads = at::get_num_threads();
-    const int64_t w = C >= 32 * threads ? ((C + threads - 1) / threads + 15) / 16 * 16 : C;
+    const int64_t unit = std::max<int64_t>(16, 64 / itemsize);  // whole vectors and cache lines
+    const int64_t w = C >= 32 * threads ? ((C + threads - 1) / threads + unit - 1) / unit * unit : C;
     width = std::max<int64_t>(1, w);
     count = (C + width - 1) / width;
   }
@@ -107,10 +164,13 @@ struct ChannelGroups {
       count = L.C;
       usable = parallel_over_channels(L);
     } else {
-      const ColumnSlices cs(L.C);
+      const int64_t itemsize = L.x.element_size();
+      const ColumnSlices cs(L.C, itemsize);
       width = cs.width;
       count = cs.count;
-      usable = count > 1 || threads == 1;
+      // Slices of rows that are not a whole number of cache lines long share a line at every
+      // slice boundary, which the threads would fight over: those go in memory order instead.
+      usable = (count > 1 || threads == 1) && (L.C * itemsize) % 64 == 0;
     }
     usable = usable && L.per_channel() * width * bytes_per_value <= kGroupCacheBytes;
   }
@@ -123,19 +183,19 @@ template <typename T>
 void group_moments(const BatchNormLayout& L, const T* x, int64_t c0, int64_t W, double* mean, double* m2) {
   const auto& k = cpu::kernels_for<T>();
   if (L.planar) {
-    const PlaneBlocks pb(L.S);
-    const int64_t per_c = L.N * pb.splits;
-    std::vector<double> bm(per_c), bm2(per_c);
-    auto block_count = [&](int64_t r) { return double(pb.length(r % pb.splits, L.S)); };
+    const ChannelBlocks cb(L);
+    thread_local std::vector<double> scratch;  // per block: mean, m2
+    scratch.resize(2 * cb.count);
+    double *bm = scratch.data(), *bm2 = bm + cb.count;
     for (int64_t c = c0; c < c0 + W; ++c) {
-      for_channel_blocks(L, pb, c, [&](int64_t n, int64_t s, int64_t off, int64_t len) {
-        k.plane_stats(x + off, len, &bm[n * pb.splits + s], &bm2[n * pb.splits + s]);
+      cb.each(c, [&](int64_t b, int64_t off, int64_t runs, int64_t len) {
+        k.plane_stats(x + off, runs, len, cb.stride(), &bm[b], &bm2[b]);
       });
-      merge_moments(per_c, block_count, bm.data(), bm2.data(), 1, &mean[c], &m2[c]);
+      merge_moments(cb.count, [&](int64_t b) { return cb.values(b); }, bm, bm2, 1, &mean[c], &m2[c]);
     }
     return;
   }
-  const int64_t C = L.C, M = L.per_channel(), rows = rows_per_chunk(W), chunks = (M + rows - 1) / rows;
+  const int64_t C = L.C, M = L.per_channel(), rows = rows_per_chunk(C, M), chunks = (M + rows - 1) / rows;
   std::vector<double> pmean(chunks * W), pm2(chunks * W);
   std::vector<cpu::acc_t<T>> scratch(2 * W);
   for (int64_t q = 0; q < chunks; ++q) {
@@ -143,7 +203,7 @@ void group_moments(const BatchNormLayout& L, const T* x, int64_t c0, int64_t W, 
     k.rows_stats(x + r0 * C + c0, std::min(rows, M - r0), W, C, &pmean[q * W], &pm2[q * W], scratch.data());
   }
   auto chunk_count = [&](int64_t q) { return double(std::min(rows, M - q * rows)); };
-  for (int64_t c = 0; c < W; ++c) merge_moments(chunks, chunk_count, &pmean[c], &pm2[c], W, &mean[c0 + c], &m2[c0 + c]);
+  merge_columns(chunks, chunk_count, pmean.data(), pm2.data(), W, mean + c0, m2 + c0);
 }
 
 // y = (x - mean) * scale + shift for channels [c0, c0 + W); the vectors are indexed by channel.
@@ -152,10 +212,10 @@ void group_normalize(const BatchNormLayout& L, const T* x, T* y, int64_t c0, int
                      const cpu::acc_t<T>* scale, const cpu::acc_t<T>* shift) {
   const auto& k = cpu::kernels_for<T>();
   if (L.planar) {
-    const PlaneBlocks pb(L.S);
+    const ChannelBlocks cb(L);
     for (int64_t c = c0; c < c0 + W; ++c)
-      for_channel_blocks(L, pb, c, [&](int64_t, int64_t, int64_t off, int64_t len) {
-        k.plane_normalize(x + off, y + off, len, m[c], scale[c], shift[c]);
+      cb.each(c, [&](int64_t, int64_t off, int64_t runs, int64_t len) {
+        k.plane_normalize(x + off, y + off, runs, len, cb.stride(), m[c], scale[c], shift[c]);
       });
     return;
   }
@@ -168,12 +228,12 @@ void group_grad_sums(const BatchNormLayout& L, const T* g, const T* x, int64_t c
                      const cpu::acc_t<T>* mu, double* sdy, double* sdyxmu) {
   const auto& k = cpu::kernels_for<T>();
   if (L.planar) {
-    const PlaneBlocks pb(L.S);
+    const ChannelBlocks cb(L);
     for (int64_t c = c0; c < c0 + W; ++c) {
       double s1 = 0, s2 = 0;
-      for_channel_blocks(L, pb, c, [&](int64_t, int64_t, int64_t off, int64_t len) {
+      cb.each(c, [&](int64_t, int64_t off, int64_t runs, int64_t len) {
         double b1, b2;
-        k.plane_grad_sums(g + off, x + off, len, mu[c], &b1, &b2);
+        k.plane_grad_sums(g + off, x + off, runs, len, cb.stride(), mu[c], &b1, &b2);
         s1 += b1;
         s2 += b2;
       });
@@ -182,7 +242,7 @@ void group_grad_sums(const BatchNormLayout& L, const T* g, const T* x, int64_t c
     }
     return;
   }
-  const int64_t C = L.C, M = L.per_channel(), rows = rows_per_chunk(W);
+  const int64_t C = L.C, M = L.per_channel(), rows = rows_per_chunk(C, M);
   std::vector<cpu::acc_t<T>> p1(W), p2(W);
   for (int64_t c = 0; c < W; ++c) sdy[c0 + c] = sdyxmu[c0 + c] = 0;
   for (int64_t r0 = 0; r0 < M; r0 += rows) {
@@ -200,10 +260,10 @@ void group_grad_input(const BatchNormLayout& L, const T* g, const T* x, T* dx, i
                       const cpu::acc_t<T>* m, const cpu::acc_t<T>* a, const cpu::acc_t<T>* b, const cpu::acc_t<T>* c) {
   const auto& k = cpu::kernels_for<T>();
   if (L.planar) {
-    const PlaneBlocks pb(L.S);
+    const ChannelBlocks cb(L);
     for (int64_t ch = c0; ch < c0 + W; ++ch)
-      for_channel_blocks(L, pb, ch, [&](int64_t, int64_t, int64_t off, int64_t len) {
-        k.plane_grad_input(g + off, x + off, dx + off, len, m[ch], a[ch], b[ch], c[ch]);
+      cb.each(ch, [&](int64_t, int64_t off, int64_t runs, int64_t len) {
+        k.plane_grad_input(g + off, x + off, dx + off, runs, len, cb.stride(), m[ch], a[ch], b[ch], c[ch]);
       });
     return;
   }
@@ -218,38 +278,28 @@ void channel_moments(const BatchNormLayout& L, const T* x, double* mean, double*
   const int64_t C = L.C;
   const ChannelGroups groups(L, /*bytes_per_value=*/0);  // no cache limit: one pass either way
   if (groups.usable) {
-    at::parallel_for(0, groups.count, 1, [&](int64_t g0, int64_t g1) {
+    at::parallel_for(0, groups.count, grain(groups.count, L.x.numel()), [&](int64_t g0, int64_t g1) {
       for (int64_t g = g0; g < g1; ++g) group_moments<T>(L, x, groups.start(g), groups.length(g, C), mean, m2);
     });
     return;
   }
   const auto& k = cpu::kernels_for<T>();
   if (L.planar) {
-    const PlaneBlocks pb(L.S);
-    const int64_t per_c = L.N * pb.splits;
-    auto block_count = [&](int64_t r) { return double(pb.length(r % pb.splits, L.S)); };
-    // block b = (n * C + c) * splits + s: the blocks in memory order
-    std::vector<double> pmean(C * per_c), pm2(C * per_c);
-    at::parallel_for(0, C * per_c, std::max<int64_t>(1, kGrainValues / pb.len), [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        const int64_t plane = b / pb.splits, s = b % pb.splits;
-        k.plane_stats(x + plane * L.S + pb.start(s), pb.length(s, L.S), &pmean[b], &pm2[b]);
+    const ChannelBlocks cb(L);
+    const int64_t K = cb.count;
+    std::vector<double> pmean(K * C), pm2(K * C);  // block b of channel c at [b * C + c]
+    at::parallel_for(0, K * C, grain(K * C, L.x.numel()), [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t b = i / C, c = i % C;
+        k.plane_stats(x + cb.offset(b, c), cb.runs(b), cb.length(b), cb.stride(), &pmean[i], &pm2[i]);
       }
     });
-    std::vector<double> bm(per_c), bm2(per_c);
-    for (int64_t c = 0; c < C; ++c) {
-      for (int64_t n = 0; n < L.N; ++n)
-        for (int64_t s = 0; s < pb.splits; ++s) {
-          bm[n * pb.splits + s] = pmean[(n * C + c) * pb.splits + s];
-          bm2[n * pb.splits + s] = pm2[(n * C + c) * pb.splits + s];
-        }
-      merge_moments(per_c, block_count, bm.data(), bm2.data(), 1, &mean[c], &m2[c]);
-    }
+    merge_columns(K, [&](int64_t b) { return cb.values(b); }, pmean.data(), pm2.data(), C, mean, m2);
     return;
   }
-  const int64_t M = L.per_channel(), rows = rows_per_chunk(C), chunks = (M + rows - 1) / rows;
+  const int64_t M = L.per_channel(), rows = rows_per_chunk(C, M), chunks = (M + rows - 1) / rows;
   std::vector<double> pmean(chunks * C), pm2(chunks * C);
-  at::parallel_for(0, chunks, 1, [&](int64_t q0, int64_t q1) {
+  at::parallel_for(0, chunks, grain(chunks, M * C), [&](int64_t q0, int64_t q1) {
     std::vector<cpu::acc_t<T>> scratch(2 * C);
     for (int64_t q = q0; q < q1; ++q) {
       const int64_t r0 = q * rows;
@@ -257,24 +307,26 @@ void channel_moments(const BatchNormLayout& L, const T* x, double* mean, double*
     }
   });
   auto chunk_count = [&](int64_t q) { return double(std::min(rows, M - q * rows)); };
-  for (int64_t c = 0; c < C; ++c) merge_moments(chunks, chunk_count, &pmean[c], &pm2[c], C, &mean[c], &m2[c]);
+  merge_columns(chunks, chunk_count, pmean.data(), pm2.data(), C, mean, m2);
 }
 
-// Walks the layout in memory order: f(offset, length, channel) for planar runs, or
+// Walks the layout, the threads sharing it: f(offset, runs, length, stride, channel) for planar
+// blocks, or
 // g(row0, nrows) for row chunks; parallel, each task a contiguous range.
 template <typename F, typename G>
 void for_each_span(const BatchNormLayout& L, F&& planar_fn, G&& rows_fn) {
   if (L.planar) {
-    const PlaneBlocks pb(L.S);
-    at::parallel_for(0, L.N * L.C * pb.splits, std::max<int64_t>(1, kGrainValues / pb.len), [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        const int64_t plane = b / pb.splits, s = b % pb.splits;
-        planar_fn(plane * L.S + pb.start(s), pb.length(s, L.S), plane % L.C);
+    const ChannelBlocks cb(L);
+    const int64_t C = L.C, K = cb.count;
+    at::parallel_for(0, K * C, grain(K * C, L.x.numel()), [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t b = i / C, c = i % C;
+        planar_fn(cb.offset(b, c), cb.runs(b), cb.length(b), cb.stride(), c);
       }
     });
   } else {
-    const int64_t M = L.per_channel(), rows = rows_per_chunk(L.C);
-    at::parallel_for(0, (M + rows - 1) / rows, 1, [&](int64_t q0, int64_t q1) {
+    const int64_t M = L.per_channel(), rows = rows_per_chunk(L.C, M);
+    at::parallel_for(0, (M + rows - 1) / rows, grain((M + rows - 1) / rows, M * L.C), [&](int64_t q0, int64_t q1) {
       for (int64_t q = q0; q < q1; ++q) rows_fn(q * rows, std::min(rows, M - q * rows));
     });
   }
@@ -350,7 +402,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_cpu(const Tensor& input, const Opt
     };
     const ChannelGroups groups(L, sizeof(T));
     if (training && groups.usable) {  // one region: statistics, then normalise from cache
-      at::parallel_for(0, groups.count, 1, [&](int64_t g0, int64_t g1) {
+      at::parallel_for(0, groups.count, grain(groups.count, L.x.numel()), [&](int64_t g0, int64_t g1) {
         for (int64_t g = g0; g < g1; ++g) {
           const int64_t c0 = groups.start(g), W = groups.length(g, C);
           group_moments<T>(L, x, c0, W, mean.data(), m2.data());
@@ -368,7 +420,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_cpu(const Tensor& input, const Opt
     if (M == 0) return;
     const auto& k = cpu::kernels_for<T>();
     for_each_span(
-        L, [&](int64_t off, int64_t len, int64_t c) { k.plane_normalize(x + off, y + off, len, m[c], scale[c], shift[c]); },
+        L, [&](int64_t off, int64_t runs, int64_t len, int64_t stride, int64_t c) { k.plane_normalize(x + off, y + off, runs, len, stride, m[c], scale[c], shift[c]); },
         [&](int64_t r0, int64_t nr) {
           k.rows_normalize(x + r0 * C, y + r0 * C, nr, C, C, m.data(), scale.data(), shift.data());
         });
@@ -397,32 +449,32 @@ void grad_sums(const BatchNormLayout& L, const T* g, const T* x, const std::vect
   const int64_t C = L.C;
   const ChannelGroups groups(L, /*bytes_per_value=*/0);
   if (groups.usable) {
-    at::parallel_for(0, groups.count, 1, [&](int64_t g0, int64_t g1) {
+    at::parallel_for(0, groups.count, grain(groups.count, L.x.numel()), [&](int64_t g0, int64_t g1) {
       for (int64_t grp = g0; grp < g1; ++grp)
         group_grad_sums<T>(L, g, x, groups.start(grp), groups.length(grp, C), mu.data(), sdy.data(), sdyxmu.data());
     });
     return;
   }
   if (L.planar) {
-    const PlaneBlocks pb(L.S);
-    const int64_t per_c = L.N * pb.splits;
-    std::vector<double> p1(C * per_c), p2(C * per_c);  // block (n * C + c) * splits + s
-    at::parallel_for(0, C * per_c, std::max<int64_t>(1, kGrainValues / pb.len), [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        const int64_t plane = b / pb.splits, s = b % pb.splits, off = plane * L.S + pb.start(s);
-        k.plane_grad_sums(g + off, x + off, pb.length(s, L.S), mu[plane % C], &p1[b], &p2[b]);
+    const ChannelBlocks cb(L);
+    const int64_t K = cb.count;
+    std::vector<double> p1(K * C), p2(K * C);  // block b of channel c at [b * C + c]
+    at::parallel_for(0, K * C, grain(K * C, L.x.numel()), [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t b = i / C, c = i % C, off = cb.offset(b, c);
+        k.plane_grad_sums(g + off, x + off, cb.runs(b), cb.length(b), cb.stride(), mu[c], &p1[i], &p2[i]);
       }
     });
-    for (int64_t b = 0; b < C * per_c; ++b) {  // memory order: deterministic
-      const int64_t c = (b / pb.splits) % C;
-      sdy[c] += p1[b];
-      sdyxmu[c] += p2[b];
-    }
+    for (int64_t b = 0; b < K; ++b)  // block order, as group_grad_sums: the same sums to the bit
+      for (int64_t c = 0; c < C; ++c) {
+        sdy[c] += p1[b * C + c];
+        sdyxmu[c] += p2[b * C + c];
+      }
     return;
   }
-  const int64_t M = L.per_channel(), rows = rows_per_chunk(C), chunks = (M + rows - 1) / rows;
+  const int64_t M = L.per_channel(), rows = rows_per_chunk(C, M), chunks = (M + rows - 1) / rows;
   std::vector<A> p1(chunks * C), p2(chunks * C);
-  at::parallel_for(0, chunks, 1, [&](int64_t q0, int64_t q1) {
+  at::parallel_for(0, chunks, grain(chunks, M * C), [&](int64_t q0, int64_t q1) {
     for (int64_t q = q0; q < q1; ++q) {
       const int64_t r0 = q * rows;
       k.rows_grad_sums(g + r0 * C, x + r0 * C, std::min(rows, M - r0), C, C, mu.data(), &p1[q * C], &p2[q * C]);
@@ -468,8 +520,7 @@ Tensor batch_norm_backward_input_cpu(const Tensor& grad_output, const Tensor& in
                                      const Tensor& invstd, const OptTensor& weight, const OptTensor& sum_dy,
                                      const OptTensor& sum_dy_xmu) {
   const char* op = "fastbn.batch_norm_backward_input";
-  const bool training =
-      check_batch_norm_backward_input_args(op, grad_output, input, mean, invstd, weight, sum_dy, sum_dy_xmu);
+  check_batch_norm_backward_input_args(op, grad_output, input, mean, invstd, weight, sum_dy, sum_dy_xmu);
   const BatchNormLayout L = batch_norm_layout(input);
   const Tensor dy = grad_output.contiguous(L.format);
   Tensor dx = empty_like_layout(L);
@@ -497,7 +548,7 @@ Tensor batch_norm_backward_input_cpu(const Tensor& grad_output, const Tensor& in
     const T* g = reinterpret_cast<const T*>(dy.const_data_ptr<scalar_t>());
     T* d = reinterpret_cast<T*>(dx.data_ptr<scalar_t>());
     for_each_span(
-        L, [&](int64_t off, int64_t len, int64_t j) { k.plane_grad_input(g + off, x + off, d + off, len, m[j], a[j], b[j], c[j]); },
+        L, [&](int64_t off, int64_t runs, int64_t len, int64_t stride, int64_t j) { k.plane_grad_input(g + off, x + off, d + off, runs, len, stride, m[j], a[j], b[j], c[j]); },
         [&](int64_t r0, int64_t nr) {
           k.rows_grad_input(g + r0 * C, x + r0 * C, d + r0 * C, nr, C, C, m.data(), a.data(), b.data(), c.data());
         });
@@ -534,15 +585,16 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(const Tensor& grad_ou
     T* d = reinterpret_cast<T*>(dx.data_ptr<scalar_t>());
     std::vector<A> m(mu.begin(), mu.end()), a(C), b(C), c(C);
     const ChannelGroups groups(L, 2 * sizeof(T));
-    at::parallel_for(0, groups.count, 1, [&](int64_t g0, int64_t g1) {
+    at::parallel_for(0, groups.count, grain(groups.count, L.x.numel()), [&](int64_t g0, int64_t g1) {
       for (int64_t grp = g0; grp < g1; ++grp) {
         const int64_t c0 = groups.start(grp), W = groups.length(grp, C);
         group_grad_sums<T>(L, g, x, c0, W, m.data(), sdy.data(), sdyxmu.data());
-        for (int64_t j = c0; j < c0 + W; ++j) {  // as batch_norm_backward_input_cpu
+        for (int64_t j = c0; j < c0 + W; ++j) {
+          // as batch_norm_backward_input_cpu, with the sums rounded as the reduce op returns them
           const double aj = w[j] * is[j];
           a[j] = A(aj);
-          b[j] = A(aj * is[j] * is[j] * sdyxmu[j] / double(M));
-          c[j] = A(aj * sdy[j] / double(M));
+          b[j] = A(aj * is[j] * is[j] * double(A(sdyxmu[j])) / double(M));
+          c[j] = A(aj * double(A(sdy[j])) / double(M));
         }
         group_grad_input<T>(L, g, x, d, c0, W, m.data(), a.data(), b.data(), c.data());
       }

@@ -16,7 +16,7 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
         raise TypeError(f"batch_norm: expected input to be a Tensor, got {type(input).__name__}")
     return BatchNormFunction.apply(
         input, weight, bias, running_mean, running_var, bool(training), float(momentum), float(eps)
-    )[0]
+    )
 
 
 def linear_leaky_relu(input, weight, bias=None, negative_slope=0.01):

@@ -75,16 +75,13 @@ class BatchNormFunction(torch.autograd.Function):
     def forward(ctx, input, weight, bias, running_mean, running_var, training, momentum, eps):
         out, mean, invstd = _ops.batch_norm(input, weight, bias, running_mean, running_var, training,
                                             momentum, eps)
+        # mean and invstd are saved, not returned: fewer outputs for autograd to wrap per call
         ctx.save_for_backward(input, weight, mean, invstd)
         ctx.training = training
-        ctx.mark_non_differentiable(mean, invstd)
-        ctx.set_materialize_grads(False)  # no zero-filled gradients for mean and invstd
-        return out, mean, invstd
+        return out
 
     @staticmethod
-    def backward(ctx, grad_output, _grad_mean, _grad_invstd):
-        if grad_output is None:  # the output did not reach the loss
-            return (None,) * 8
+    def backward(ctx, grad_output):
         input, weight, mean, invstd = ctx.saved_tensors
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_input = grad_weight = grad_bias = None

@@ -20,6 +20,8 @@ SHAPES = [
     (2, 1, 96, 96),    # one channel, large H*W (several blocks per plane)
     (8, 16, 8, 8),
     (3, 1000, 2, 3),   # many channels, tiny planes
+    (40, 16, 12, 12),  # short planes: several runs per block, several blocks per channel
+    (4, 64, 12, 12),   # channels_last: column slices of whole cache lines
 ]
 
 
@@ -268,17 +270,28 @@ def test_empty_batch(device):
     assert bn.num_batches_tracked.item() == ref.num_batches_tracked.item() == 1
 
 
-def test_deterministic_across_thread_counts():
-    x = torch.randn(16, 8, 33, 17)
+@pytest.mark.parametrize("shape,channels_last", [
+    ((16, 8, 33, 17), False), ((40, 16, 12, 12), False), ((64, 3, 40, 40), False), ((4, 64, 12, 12), True),
+    ((200, 1000), False), ((300, 64), False),
+])
+def test_deterministic_across_thread_counts(shape, channels_last):
+    """The same bits whatever the thread count (which also picks between the per-channel and the
+    shared-blocks paths): outputs and every gradient."""
+    x, w, b, _, _ = make_case(shape, torch.float32, "cpu", channels_last)
+    g = torch.randn_like(x)
     old = torch.get_num_threads()
+    results = []
     try:
-        torch.set_num_threads(1)
-        a = F.batch_norm(x, None, None, training=True)
-        torch.set_num_threads(2)
-        b = F.batch_norm(x, None, None, training=True)
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            xs, ws, bs = leaf(x), leaf(w), leaf(b)
+            y = F.batch_norm(xs, None, None, ws, bs, training=True)
+            results.append((y, *torch.autograd.grad(y, (xs, ws, bs), g)))
     finally:
         torch.set_num_threads(old)
-    assert torch.equal(a, b)
+    for other in results[1:]:
+        for a, b_ in zip(results[0], other):
+            assert torch.equal(a, b_)
 
 
 def test_arbitrary_strides_are_accepted():

@@ -31,15 +31,18 @@ using acc_t = typename Acc<T>::type;
 template <typename T>
 struct Kernels {
   using A = acc_t<T>;
-  // --- BatchNorm, one plane (n, c): `n` contiguous values of one channel --------------------
-  // mean and sum of squared deviations (two passes over an L1-resident block)
-  void (*plane_stats)(const T* x, int64_t n, double* mean, double* m2);
+  // --- BatchNorm, planar: `runs` runs of `n` contiguous values of one channel, `stride` apart ----
+  // (one run when walking memory in order; N runs of H*W when a task owns a whole channel)
+  // mean and sum of squared deviations (two passes: the block must fit L1)
+  void (*plane_stats)(const T* x, int64_t runs, int64_t n, int64_t stride, double* mean, double* m2);
   // y = (x - mean) * scale + shift
-  void (*plane_normalize)(const T* x, T* y, int64_t n, A mean, A scale, A shift);
+  void (*plane_normalize)(const T* x, T* y, int64_t runs, int64_t n, int64_t stride, A mean, A scale, A shift);
   // sum(dy), sum(dy * (x - mean))
-  void (*plane_grad_sums)(const T* dy, const T* x, int64_t n, A mean, double* sdy, double* sdyxmu);
+  void (*plane_grad_sums)(const T* dy, const T* x, int64_t runs, int64_t n, int64_t stride, A mean, double* sdy,
+                          double* sdyxmu);
   // dx = dy * a - (x - mean) * b - c   (eval: b = c = 0)
-  void (*plane_grad_input)(const T* dy, const T* x, T* dx, int64_t n, A mean, A a, A b, A c);
+  void (*plane_grad_input)(const T* dy, const T* x, T* dx, int64_t runs, int64_t n, int64_t stride, A mean, A a,
+                           A b, A c);
 
   // --- BatchNorm, channels innermost: `rows` rows of C channels, `stride` apart ----------------
   // per-channel mean/m2 of the block; scratch holds 2*C values
