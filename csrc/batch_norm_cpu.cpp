@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <memory>
 #include <vector>
 
 #include "checks.h"
@@ -27,6 +28,13 @@ constexpr int64_t kGrainValues = 32768;  // below this, a parallel region runs i
 // at::parallel_for grain for `tasks` tasks over `values` values in all: one inline task for
 // small inputs, where waking the other threads costs more than the work.
 int64_t grain(int64_t tasks, int64_t values) { return values < kGrainValues ? std::max<int64_t>(tasks, 1) : 1; }
+
+// Scratch for per-block partials, every element of which is written before it is read: not
+// zero-filled (at BatchNorm1d sizes the fill would cost as much as the merge).
+template <typename T>
+std::unique_ptr<T[]> partials(int64_t n) {
+  return std::unique_ptr<T[]>(new T[std::max<int64_t>(n, 1)]);
+}
 
 // Merges K partial (count, mean, m2) of one channel, in a fixed order:
 //   mean = sum(n_k * mean_k) / n,   m2 = sum(m2_k + n_k * (mean_k - mean)^2)
@@ -196,14 +204,14 @@ void group_moments(const BatchNormLayout& L, const T* x, int64_t c0, int64_t W, 
     return;
   }
   const int64_t C = L.C, M = L.per_channel(), rows = rows_per_chunk(C, M), chunks = (M + rows - 1) / rows;
-  std::vector<double> pmean(chunks * W), pm2(chunks * W);
+  auto pmean = partials<double>(chunks * W), pm2 = partials<double>(chunks * W);
   std::vector<cpu::acc_t<T>> scratch(2 * W);
   for (int64_t q = 0; q < chunks; ++q) {
     const int64_t r0 = q * rows;
     k.rows_stats(x + r0 * C + c0, std::min(rows, M - r0), W, C, &pmean[q * W], &pm2[q * W], scratch.data());
   }
   auto chunk_count = [&](int64_t q) { return double(std::min(rows, M - q * rows)); };
-  merge_columns(chunks, chunk_count, pmean.data(), pm2.data(), W, mean + c0, m2 + c0);
+  merge_columns(chunks, chunk_count, pmean.get(), pm2.get(), W, mean + c0, m2 + c0);
 }
 
 // y = (x - mean) * scale + shift for channels [c0, c0 + W); the vectors are indexed by channel.
@@ -287,18 +295,18 @@ void channel_moments(const BatchNormLayout& L, const T* x, double* mean, double*
   if (L.planar) {
     const ChannelBlocks cb(L);
     const int64_t K = cb.count;
-    std::vector<double> pmean(K * C), pm2(K * C);  // block b of channel c at [b * C + c]
+    auto pmean = partials<double>(K * C), pm2 = partials<double>(K * C);  // block b of channel c at [b * C + c]
     at::parallel_for(0, K * C, grain(K * C, L.x.numel()), [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t b = i / C, c = i % C;
         k.plane_stats(x + cb.offset(b, c), cb.runs(b), cb.length(b), cb.stride(), &pmean[i], &pm2[i]);
       }
     });
-    merge_columns(K, [&](int64_t b) { return cb.values(b); }, pmean.data(), pm2.data(), C, mean, m2);
+    merge_columns(K, [&](int64_t b) { return cb.values(b); }, pmean.get(), pm2.get(), C, mean, m2);
     return;
   }
   const int64_t M = L.per_channel(), rows = rows_per_chunk(C, M), chunks = (M + rows - 1) / rows;
-  std::vector<double> pmean(chunks * C), pm2(chunks * C);
+  auto pmean = partials<double>(chunks * C), pm2 = partials<double>(chunks * C);
   at::parallel_for(0, chunks, grain(chunks, M * C), [&](int64_t q0, int64_t q1) {
     std::vector<cpu::acc_t<T>> scratch(2 * C);
     for (int64_t q = q0; q < q1; ++q) {
@@ -307,7 +315,7 @@ void channel_moments(const BatchNormLayout& L, const T* x, double* mean, double*
     }
   });
   auto chunk_count = [&](int64_t q) { return double(std::min(rows, M - q * rows)); };
-  merge_columns(chunks, chunk_count, pmean.data(), pm2.data(), C, mean, m2);
+  merge_columns(chunks, chunk_count, pmean.get(), pm2.get(), C, mean, m2);
 }
 
 // Walks the layout, the threads sharing it: f(offset, runs, length, stride, channel) for planar
@@ -458,7 +466,7 @@ void grad_sums(const BatchNormLayout& L, const T* g, const T* x, const std::vect
   if (L.planar) {
     const ChannelBlocks cb(L);
     const int64_t K = cb.count;
-    std::vector<double> p1(K * C), p2(K * C);  // block b of channel c at [b * C + c]
+    auto p1 = partials<double>(K * C), p2 = partials<double>(K * C);  // block b of channel c at [b * C + c]
     at::parallel_for(0, K * C, grain(K * C, L.x.numel()), [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t b = i / C, c = i % C, off = cb.offset(b, c);
@@ -473,7 +481,7 @@ void grad_sums(const BatchNormLayout& L, const T* g, const T* x, const std::vect
     return;
   }
   const int64_t M = L.per_channel(), rows = rows_per_chunk(C, M), chunks = (M + rows - 1) / rows;
-  std::vector<A> p1(chunks * C), p2(chunks * C);
+  auto p1 = partials<A>(chunks * C), p2 = partials<A>(chunks * C);
   at::parallel_for(0, chunks, grain(chunks, M * C), [&](int64_t q0, int64_t q1) {
     for (int64_t q = q0; q < q1; ++q) {
       const int64_t r0 = q * rows;
