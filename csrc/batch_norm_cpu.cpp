@@ -1,9 +1,9 @@
 // BatchNorm on the CPU: the parallel structure around the inner loops of cpu/kernels_impl.inc.
 //
-// Statistics are computed per block (a run of one channel, or a chunk of rows), two-pass inside
+// Statistics are computed per block (runs of one channel, or a chunk of rows), two-pass inside
 // the block while it sits in cache, and the blocks are merged per channel in a fixed order with
-// Chan's formula: numerically stable (no E[x^2] - E[x]^2), one read of the input, and
-// deterministic whatever the thread count. Per-channel vectors (weight, running stats, ...) are
+// Chan's formula: numerically stable (no E[x^2] - E[x]^2), one read of the input, and the same
+// bits whatever the thread count (the blocks depend on the shape alone). Per-channel vectors (weight, running stats, ...) are
 // read and written in place: at small sizes (BatchNorm1d on 200 x 1000) a handful of ATen
 // temporaries would cost as much as the kernel.
 #include <ATen/Dispatch.h>
