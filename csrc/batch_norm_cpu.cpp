@@ -134,6 +134,14 @@ struct ChannelBlocks {
   void each(int64_t c, F&& f) const {
     for (int64_t b = 0; b < count; ++b) f(b, offset(b, c), runs(b), length(b));
   }
+  // f(i, channel, offset, runs, length) for every (block b, channel c), i = b * C + c, the
+  // threads sharing them (numel: the input's size, for the grain)
+  template <typename F>
+  void parallel_each(int64_t numel, F&& f) const {
+    at::parallel_for(0, count * C, grain(count * C, numel), [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) f(i, i % C, offset(i / C, i % C), runs(i / C), length(i / C));
+    });
+  }
 };
 
 // Channel slices for the rows layout: with enough channels each task owns whole channels (one
@@ -296,11 +304,8 @@ void channel_moments(const BatchNormLayout& L, const T* x, double* mean, double*
     const ChannelBlocks cb(L);
     const int64_t K = cb.count;
     auto pmean = partials<double>(K * C), pm2 = partials<double>(K * C);  // block b of channel c at [b * C + c]
-    at::parallel_for(0, K * C, grain(K * C, L.x.numel()), [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        const int64_t b = i / C, c = i % C;
-        k.plane_stats(x + cb.offset(b, c), cb.runs(b), cb.length(b), cb.stride(), &pmean[i], &pm2[i]);
-      }
+    cb.parallel_each(L.x.numel(), [&](int64_t i, int64_t, int64_t off, int64_t runs, int64_t len) {
+      k.plane_stats(x + off, runs, len, cb.stride(), &pmean[i], &pm2[i]);
     });
     merge_columns(K, [&](int64_t b) { return cb.values(b); }, pmean.get(), pm2.get(), C, mean, m2);
     return;
@@ -319,22 +324,17 @@ void channel_moments(const BatchNormLayout& L, const T* x, double* mean, double*
 }
 
 // Walks the layout, the threads sharing it: f(offset, runs, length, stride, channel) for planar
-// blocks, or
-// g(row0, nrows) for row chunks; parallel, each task a contiguous range.
+// blocks, or g(row0, nrows) for row chunks; each task a contiguous range.
 template <typename F, typename G>
 void for_each_span(const BatchNormLayout& L, F&& planar_fn, G&& rows_fn) {
   if (L.planar) {
     const ChannelBlocks cb(L);
-    const int64_t C = L.C, K = cb.count;
-    at::parallel_for(0, K * C, grain(K * C, L.x.numel()), [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        const int64_t b = i / C, c = i % C;
-        planar_fn(cb.offset(b, c), cb.runs(b), cb.length(b), cb.stride(), c);
-      }
+    cb.parallel_each(L.x.numel(), [&](int64_t, int64_t c, int64_t off, int64_t runs, int64_t len) {
+      planar_fn(off, runs, len, cb.stride(), c);
     });
   } else {
-    const int64_t M = L.per_channel(), rows = rows_per_chunk(L.C, M);
-    at::parallel_for(0, (M + rows - 1) / rows, grain((M + rows - 1) / rows, M * L.C), [&](int64_t q0, int64_t q1) {
+    const int64_t M = L.per_channel(), rows = rows_per_chunk(L.C, M), chunks = (M + rows - 1) / rows;
+    at::parallel_for(0, chunks, grain(chunks, M * L.C), [&](int64_t q0, int64_t q1) {
       for (int64_t q = q0; q < q1; ++q) rows_fn(q * rows, std::min(rows, M - q * rows));
     });
   }
@@ -467,11 +467,8 @@ void grad_sums(const BatchNormLayout& L, const T* g, const T* x, const std::vect
     const ChannelBlocks cb(L);
     const int64_t K = cb.count;
     auto p1 = partials<double>(K * C), p2 = partials<double>(K * C);  // block b of channel c at [b * C + c]
-    at::parallel_for(0, K * C, grain(K * C, L.x.numel()), [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        const int64_t b = i / C, c = i % C, off = cb.offset(b, c);
-        k.plane_grad_sums(g + off, x + off, cb.runs(b), cb.length(b), cb.stride(), mu[c], &p1[i], &p2[i]);
-      }
+    cb.parallel_each(L.x.numel(), [&](int64_t i, int64_t c, int64_t off, int64_t runs, int64_t len) {
+      k.plane_grad_sums(g + off, x + off, runs, len, cb.stride(), mu[c], &p1[i], &p2[i]);
     });
     for (int64_t b = 0; b < K; ++b)  // block order, as group_grad_sums: the same sums to the bit
       for (int64_t c = 0; c < C; ++c) {
