@@ -143,7 +143,7 @@ def run(args):
     threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     quick = args.quick
-    rounds, mrt = (2, 0.02) if quick else (5, 0.2)
+    rounds, mrt = (2, 0.02) if quick else (args.rounds, args.min_run_time)
     copy_bw = copy_bandwidth(device, threads, nbytes=(8 << 20) if quick else (256 << 20))
     mm_rate = matmul_rate(device, threads, n=256 if quick else 2048)
     rows = []
@@ -291,6 +291,8 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
     p.add_argument("--compile", type=int, default=1, help="also time torch.compile baselines (1/0)")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds per case (median taken)")
+    p.add_argument("--min-run-time", type=float, default=0.2, help="seconds per torch.utils.benchmark measurement")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     args = p.parse_args(argv)
     if args.quick:

@@ -272,7 +272,7 @@ __global__ void grad_input_kernel(const scalar_t* __restrict__ dy, const scalar_
 template <typename scalar_t, typename F>
 void elementwise_dispatch(const BatchNormLayout& L, std::initializer_list<const void*> ptrs, F&& f) {
   const bool vectorize = can_vectorize<scalar_t>(L.planar ? L.S : L.C, ptrs);
-  const bool small = L.x.numel() < (int64_t(1) << 31);
+  const bool small = L.x.numel() < (int64_t(1) << 30);  // margin: i + grid stride stays in int32
   auto with_vec = [&](auto vec_tag) {
     constexpr int VEC = decltype(vec_tag)::value;
     if (L.planar) {

@@ -74,7 +74,7 @@ Tensor linear_leaky_relu_cuda(const Tensor& input, const Tensor& weight, const O
     using acc_t = at::opmath_type<scalar_t>;
     scalar_t* zp = z.data_ptr<scalar_t>();
     const scalar_t* bp = b.defined() ? b.const_data_ptr<scalar_t>() : nullptr;
-    const bool small = z.numel() < (int64_t(1) << 31);
+    const bool small = z.numel() < (int64_t(1) << 30);  // margin: i + grid stride stays in int32
     auto launch = [&](auto index_tag, auto vec_tag) {
       using index_t = decltype(index_tag);
       constexpr int VEC = decltype(vec_tag)::value;
