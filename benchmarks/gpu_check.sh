@@ -6,13 +6,15 @@
 # ./gpu-results): summary.md, build.log, tests.log, bench.log, the benchmark table and plot,
 # profile.log, extra.log. Needs python3 with torch (CUDA), pytest, matplotlib, tqdm; nvcc.
 #   bash benchmarks/gpu_check.sh      # ~6 min on an H100
-# Environment: BENCH_ARGS (default "--rounds 3 --min-run-time 0.05 --compile 0").
+# Environment: TEST_K (a pytest -k selection; default: the whole suite), BENCH_ARGS (default
+# "--rounds 3 --min-run-time 0.05 --compile 0"), BENCH_LIMIT (s, default 240), TRAIN=0 skips the
+# training runs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu-results}"
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
-export PYTHONUNBUFFERED=1 FASTBN_CUDA=1 MAX_JOBS="${MAX_JOBS:-16}"
+export PYTHONUNBUFFERED=1 FASTBN_CUDA=1 MAX_JOBS="${MAX_JOBS:-16}" PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if [ -z "${CUDA_HOME:-}" ]; then  # the real toolkit, not a wrapper nvcc on PATH
   if [ -x /usr/local/cuda/bin/nvcc ]; then CUDA_HOME=/usr/local/cuda
   else CUDA_HOME=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")"); fi
@@ -38,7 +40,7 @@ step() {  # step NAME LOG SECONDS COMMAND...: run under a time limit, record res
   echo "- date: $(date -u +%Y-%m-%dT%H:%MZ); commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git status --porcelain --untracked-files=no 2>/dev/null | grep -q . && echo +dirty)"
   echo "- device: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -1)"
   echo "- $($PY -c 'import torch, sys; print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, python {sys.version.split()[0]}")')"
-  echo "- nvcc: $(nvcc --version | tail -2 | head -1)"
+  echo "- nvcc: $(nvcc --version | tail -2 | head -1); C++ compiler: $(${CXX:-c++} --version | head -1)"
   echo
   echo "| step | result | time | log |"
   echo "|---|---|---|---|"
@@ -49,18 +51,20 @@ export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$($PY -c 'import torch; pri
 step build build.log 300 $PY setup.py -q build_ext --inplace || { cat "$summary"; exit 1; }
 step build_info build.log 60 $PY -c "import fastbn, json; print(json.dumps(fastbn.build_info()))"
 xdist=""; $PY -c "import xdist" 2>/dev/null && xdist="-n 8"
-step "tests (all, CUDA included)" tests.log 240 $PY -m pytest -q -rs --tb=short $xdist tests -p no:cacheprovider
-step benchmarks bench.log 240 $PY -m benchmarks.run --device cuda --out "$OUT" ${BENCH_ARGS:---rounds 3 --min-run-time 0.05 --compile 0}
+step "tests (${TEST_K:-all, CUDA included})" tests.log 240 $PY -m pytest -q -rs --tb=short $xdist tests -p no:cacheprovider ${TEST_K:+-k "$TEST_K"}
+step benchmarks bench.log "${BENCH_LIMIT:-240}" $PY -m benchmarks.run --device cuda --out "$OUT" ${BENCH_ARGS:---rounds 3 --min-run-time 0.05 --compile 0}
 step "kernel profile" profile.log 90 $PY -m benchmarks.profile_kernels
-step "compute-sanitizer memcheck (CUDA tests: gradcheck, opcheck, edge cases)" extra.log 120 \
+step "compute-sanitizer memcheck (CUDA tests: gradcheck, edge cases)" extra.log 90 \
   compute-sanitizer --tool memcheck --error-exitcode 1 --target-processes all \
   $PY -m pytest -q -x tests/test_batch_norm.py tests/test_linear_leaky_relu.py -p no:cacheprovider \
-  -k "cuda and (gradcheck or opcheck or empty or constant or large_mean or fused_backward)"
+  -k "cuda and (gradcheck or empty or constant or large_mean or fused_backward)"
+if [ "${TRAIN:-1}" = 1 ]; then
 step "train steps (synthetic CIFAR-shaped data)" extra.log 120 bash -c "
   $PY -m fastbn.train cnn --device cuda --synthetic 20000 --max_steps 300 --eval_freq 300 --amp none --quiet --out /tmp/cnn-fastbn &&
   $PY -m fastbn.train cnn --device cuda --synthetic 20000 --max_steps 300 --eval_freq 300 --amp none --quiet --backend torch --out /tmp/cnn-torch &&
   $PY -m fastbn.train mlp --device cuda --synthetic 20000 --max_steps 1000 --eval_freq 1000 --quiet --out /tmp/mlp-fastbn &&
   $PY -m fastbn.train mlp --device cuda --synthetic 20000 --max_steps 1000 --eval_freq 1000 --quiet --backend torch --out /tmp/mlp-torch"
+fi
 { echo; echo "Benchmark table: the cuda-*.md file beside this summary."; } >> "$summary"
 cat "$summary"
 exit $status

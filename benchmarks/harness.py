@@ -60,3 +60,18 @@ def matmul_rate(device, threads, n=2048, dtype=torch.float32, rounds=3):
     b = torch.randn(n, n, device=device, dtype=dtype)
     t = time_interleaved({"mm": lambda: a @ b}, threads, rounds)["mm"]
     return 2 * n ** 3 / t
+
+
+def cuda_graphed(fn, warmup=3):
+    """fn captured once in a CUDA graph; the returned callable replays it. Replays cost no host
+    work per op, so their time is the GPU's alone (launch and Python overheads removed)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up off the default stream, as capture requires
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay

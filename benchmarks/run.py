@@ -10,6 +10,7 @@ import argparse
 import datetime
 import os
 import platform
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 import fastbn
-from benchmarks.harness import batch_norm_bytes, copy_bandwidth, linear_flops, matmul_rate, time_interleaved
+from benchmarks.harness import (batch_norm_bytes, copy_bandwidth, cuda_graphed, linear_flops, matmul_rate,
+                                time_interleaved)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -131,14 +133,15 @@ def train_step_case(model_name, device, amp):
 # ---- the run -------------------------------------------------------------------------------------
 
 
-def dtypes(device, quick):
+def dtypes(device, quick, only=None):
     if quick:
         return [torch.float32]
-    out = [torch.float32, torch.float64, torch.bfloat16]
-    return out + [torch.float16] if device.type == "cuda" else out
+    out = [torch.float32, torch.float64, torch.bfloat16] + ([torch.float16] if device.type == "cuda" else [])
+    return [d for d in out if only is None or str(d).replace("torch.", "") in only]
 
 
-def run(args):
+def run(args, res):
+    """Fills res (rows, sweep, bandwidths) case by case, so that an interrupted run keeps its rows."""
     device = torch.device(args.device)
     threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -146,7 +149,18 @@ def run(args):
     rounds, mrt = (2, 0.02) if quick else (args.rounds, args.min_run_time)
     copy_bw = copy_bandwidth(device, threads, nbytes=(8 << 20) if quick else (256 << 20))
     mm_rate = matmul_rate(device, threads, n=256 if quick else 2048)
-    rows = []
+    rows, sweep = [], []
+    res.update(rows=rows, sweep=sweep, copy_bw=copy_bw, mm_rate=mm_rate, device=device, threads=threads)
+    only = set(args.dtypes.split(",")) if args.dtypes else None
+    # On CUDA every float32 case is also timed as a CUDA graph replay: the GPU's time alone.
+    graphs = device.type == "cuda" and not quick
+
+    def graph_times(fns):
+        try:
+            return time_interleaved({name: cuda_graphed(fn) for name, fn in fns.items()}, threads, rounds, mrt)
+        except Exception as e:  # a side that cannot be captured: report it, keep the eager row
+            print(f"  (CUDA graph capture failed: {type(e).__name__}: {str(e)[:200]})", flush=True)
+            return None
 
     def add(group, case, mode, dtype, layout, t, work, unit, compiled=None):
         ratio = t["torch"] / t["fastbn"]
@@ -160,7 +174,7 @@ def run(args):
                          fastbn_ms=1e3 * t["fastbn"], torch_ms=1e3 * t["torch"], ratio=ratio,
                          compiled_ms=None if compiled is None else 1e3 * compiled,
                          achieved=f"{achieved:.1f} {unit}" if work else "-", roof=roof if work else "-"))
-        print(f"{group:10s} {case:22s} {mode:8s} {rows[-1]['dtype']:9s} {layout:14s} fastbn {1e3 * t['fastbn']:9.3f} ms"
+        print(f"{group:12s} {case:22s} {mode:8s} {rows[-1]['dtype']:9s} {layout:14s} fastbn {1e3 * t['fastbn']:9.3f} ms"
               f"  torch {1e3 * t['torch']:9.3f} ms  x{ratio:5.2f}  {rows[-1]['achieved']}", flush=True)
 
     def compiled_time(ref, make):
@@ -174,7 +188,7 @@ def run(args):
     bn_shapes = [(8, 16, 8, 8), (16, 32)] if quick else [(128, 64, 32, 32), (32, 256, 8, 8), (32, 64, 32, 32),
                                                            (32, 512, 2, 2), (200, 1000)]
     for shape in bn_shapes:
-        for dtype in dtypes(device, quick):
+        for dtype in dtypes(device, quick, only):
             for cl in ((False, True) if len(shape) == 4 else (False,)):
                 for mode in ("fwd", "fwd+bwd", "eval"):
                     if dtype != torch.float32 and mode != "fwd+bwd":
@@ -184,11 +198,12 @@ def run(args):
                     comp = None
                     if args.compile and dtype == torch.float32 and mode == "fwd+bwd" and shape in bn_shapes[:2]:
                         comp = compiled_time(ref, make)
-                    add("BatchNorm", "x".join(map(str, shape)), mode, dtype, "channels_last" if cl else "contiguous",
-                        t, nbytes, "GB/s", comp)
+                    layout = "channels_last" if cl else "contiguous"
+                    add("BatchNorm", "x".join(map(str, shape)), mode, dtype, layout, t, nbytes, "GB/s", comp)
+                    if graphs and dtype == torch.float32 and (tg := graph_times(fns)):
+                        add("BN (graph)", "x".join(map(str, shape)), mode, dtype, layout, tg, nbytes, "GB/s")
 
     # BatchNorm2d size sweep: training forward+backward, float32
-    sweep = []
     sizes = [1 << 12, 1 << 16] if quick else [1 << k for k in range(12, 27, 2)]  # values: 16 KB .. 256 MB
     for numel in sizes:
         hw = max(1, numel // (32 * 64))
@@ -198,12 +213,14 @@ def run(args):
         t = time_interleaved(fns, threads, rounds, mrt)
         sweep.append((nbytes / 5, t, nbytes))  # input bytes
         add("BN sweep", "x".join(map(str, shape)), "fwd+bwd", torch.float32, "contiguous", t, nbytes, "GB/s")
+        if graphs and (tg := graph_times(fns)):
+            add("sweep (graph)", "x".join(map(str, shape)), "fwd+bwd", torch.float32, "contiguous", tg, nbytes, "GB/s")
 
     # Linear + LeakyReLU
     lin_shapes = [(16, 64, 32)] if quick else [(200, 3072, 100), (200, 100, 10), (200, 3072, 1000),
                                                (200, 1000, 500), (1024, 1024, 1024), (4096, 4096, 1024)]
     for n_rows, n_in, n_out in lin_shapes:
-        for dtype in dtypes(device, quick):
+        for dtype in dtypes(device, quick, only):
             if dtype == torch.float16 and device.type == "cpu":
                 continue
             for backward in (False, True):
@@ -214,16 +231,16 @@ def run(args):
                 comp = None
                 if args.compile and dtype == torch.float32 and backward and (n_rows, n_in, n_out) in lin_shapes[:3]:
                     comp = compiled_time(ref, make)
-                add("Linear+LReLU", f"{n_rows}x{n_in}->{n_out}", "fwd+bwd" if backward else "fwd", dtype, "-", t,
-                    flops, "GFLOP/s", comp)
+                mode = "fwd+bwd" if backward else "fwd"
+                add("Linear+LReLU", f"{n_rows}x{n_in}->{n_out}", mode, dtype, "-", t, flops, "GFLOP/s", comp)
+                if graphs and dtype == torch.float32 and (tg := graph_times(fns)):
+                    add("Lin (graph)", f"{n_rows}x{n_in}->{n_out}", mode, dtype, "-", tg, flops, "GFLOP/s")
 
     # training steps, end to end
     if not quick:
         for model_name, amp in (("mlp", False), ("mlp-tuned", False), ("convnet", False), ("convnet", True)):
             t = time_interleaved(train_step_case(model_name, device, amp), threads, 3, 1.0)
             add("train step", model_name + (" bf16" if amp else ""), "step", torch.float32, "-", t, 0, "-")
-
-    return dict(rows=rows, sweep=sweep, copy_bw=copy_bw, mm_rate=mm_rate, device=device, threads=threads)
 
 
 def write_results(res, args):
@@ -244,6 +261,10 @@ def write_results(res, args):
         f"{res['mm_rate'] / 1e9:.0f} GFLOP/s",
         "- times: torch.utils.benchmark medians, fastbn and torch interleaved, median of rounds; "
         "ratio = torch / fastbn (> 1: fastbn faster); `compiled` = torch.compile of the builtin module",
+        "- `(graph)` rows (CUDA): the same calls captured in a CUDA graph and replayed, so the GPU's time alone "
+        "(no Python, dispatcher or launch cost); the other rows are eager calls, host work included",
+    ] + (["- **interrupted**: the run stopped early (time limit); the rows below are those measured"]
+         if res.get("interrupted") else []) + [
         "",
         "| group | case | mode | dtype | layout | fastbn ms | torch ms | ratio | torch.compile ms | fastbn achieved | of roofline |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -293,11 +314,21 @@ def main(argv=None):
     p.add_argument("--compile", type=int, default=1, help="also time torch.compile baselines (1/0)")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds per case (median taken)")
     p.add_argument("--min-run-time", type=float, default=0.2, help="seconds per torch.utils.benchmark measurement")
+    p.add_argument("--dtypes", default=None, help="only these dtypes, comma-separated (e.g. float32,bfloat16)")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     args = p.parse_args(argv)
     if args.quick:
         args.compile = 0
-    res = run(args)
+    # a time limit's SIGTERM ends the run like Ctrl-C: the rows measured so far are still written
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    res = {}
+    try:
+        run(args, res)
+    except KeyboardInterrupt:
+        if not res.get("rows"):
+            raise
+        res["interrupted"] = True
+        print("interrupted: writing the rows measured so far", flush=True)
     return write_results(res, args)
 
 

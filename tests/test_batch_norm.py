@@ -22,6 +22,7 @@ SHAPES = [
     (3, 1000, 2, 3),   # many channels, tiny planes
     (40, 16, 12, 12),  # short planes: several runs per block, several blocks per channel
     (4, 64, 12, 12),   # channels_last: column slices of whole cache lines
+    (64, 3, 40, 40),   # few channels, large N*H*W: CUDA merges over 32 partials per channel
 ]
 
 
