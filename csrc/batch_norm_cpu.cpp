@@ -10,6 +10,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <omp.h>
+
 #include <cmath>
 #include <memory>
 #include <vector>
@@ -73,11 +75,11 @@ int64_t rows_per_chunk(int64_t C, int64_t M) {
   return std::max<int64_t>(1, std::min(block, (M + kMinRowChunks - 1) / kMinRowChunks));
 }
 
-// merge_moments for C channels at once, the K partials of channel c at [k * C + c]: the same
-// arithmetic, in the same order, vectorised over channels.
+// merge_moments for C channels at once, the K partials of channel c at [k * stride + c]: the
+// same arithmetic, in the same order, vectorised over channels.
 template <typename CountFn>
-void merge_columns(int64_t K, CountFn count, const double* pmean, const double* pm2, int64_t C, double* mean,
-                   double* m2) {
+void merge_columns(int64_t K, CountFn count, const double* pmean, const double* pm2, int64_t C, int64_t stride,
+                   double* mean, double* m2) {
   if (K == 1) {
     for (int64_t c = 0; c < C; ++c) {
       mean[c] = pmean[c];
@@ -90,13 +92,13 @@ void merge_columns(int64_t K, CountFn count, const double* pmean, const double* 
   for (int64_t c = 0; c < C; ++c) mean[c] = m2[c] = 0;
   for (int64_t k = 0; k < K; ++k) {
     const double w = count(k);
-    const double* pk = pmean + k * C;
+    const double* pk = pmean + k * stride;
     for (int64_t c = 0; c < C; ++c) mean[c] += w * pk[c];
   }
   for (int64_t c = 0; c < C; ++c) mean[c] /= n;
   for (int64_t k = 0; k < K; ++k) {
     const double w = count(k);
-    const double *pk = pmean + k * C, *qk = pm2 + k * C;
+    const double *pk = pmean + k * stride, *qk = pm2 + k * stride;
     for (int64_t c = 0; c < C; ++c) {
       const double d = pk[c] - mean[c];
       m2[c] += qk[c] + w * d * d;
@@ -160,6 +162,34 @@ struct ColumnSlices {
   int64_t length(int64_t s, int64_t C) const { return std::min(width, C - s * width); }
 };
 
+// ---- one region, three phases: the rows layout when columns cannot be owned -----------------
+//
+// Rows that are not a whole number of cache lines (BatchNorm1d, C = 1000), or too few channels
+// to share, are walked in row chunks. Rather than three regions (chunk partials; a serial
+// per-channel merge; the elementwise pass), one region runs them as phases with a barrier
+// between: each thread's chunks, then each thread's slice of the channels (merge, constants),
+// then the same chunks again, which the thread re-reads from its own cache. The chunks and the
+// merge order are those of channel_moments/grad_sums: the same results to the bit.
+
+// Runs phase1(q0, q1) on each thread's share of `tasks`, barrier, phase2(c0, c1) on its share of
+// C channels (whole vectors), barrier, phase3(q0, q1) on its first share again. Raw OpenMP (the
+// runtime ATen's parallel_for uses): a parallel_for task may not wait at a barrier.
+template <typename F1, typename F2, typename F3>
+void three_phases(int64_t tasks, int64_t C, int64_t numel, F1&& phase1, F2&& phase2, F3&& phase3) {
+  const bool threaded = numel >= kGrainValues && at::get_num_threads() > 1 && !at::in_parallel_region();
+#pragma omp parallel if (threaded)
+  {
+    const int64_t T = omp_get_num_threads(), t = omp_get_thread_num();
+    const int64_t q0 = tasks * t / T, q1 = tasks * (t + 1) / T;
+    const int64_t units = (C + 15) / 16, c0 = std::min(C, units * t / T * 16), c1 = std::min(C, units * (t + 1) / T * 16);
+    if (q0 < q1) phase1(q0, q1);
+#pragma omp barrier
+    if (c0 < c1) phase2(c0, c1);
+#pragma omp barrier
+    if (q0 < q1) phase3(q0, q1);
+  }
+}
+
 // ---- fused paths: a task owns whole channels ---------------------------------------------------
 //
 // When every task can own whole channels and their values fit in its core's L2, the statistics
@@ -194,6 +224,13 @@ struct ChannelGroups {
   int64_t length(int64_t g, int64_t C) const { return std::min(width, C - g * width); }
 };
 
+// Whether the rows layout runs in three phases: its columns cannot be owned by the threads (rows
+// that are not whole cache lines, or a single column slice on several threads).
+bool rows_in_phases(const BatchNormLayout& L) { return !L.planar && !ChannelGroups(L, 0).usable; }
+
+// Rows of chunk q of the rows layout, `rows` per chunk (rows_per_chunk).
+int64_t chunk_rows(int64_t q, int64_t rows, int64_t M) { return std::min(rows, M - q * rows); }
+
 // Moments of channels [c0, c0 + W) into mean/m2 (indexed by channel).
 template <typename T>
 void group_moments(const BatchNormLayout& L, const T* x, int64_t c0, int64_t W, double* mean, double* m2) {
@@ -219,7 +256,7 @@ void group_moments(const BatchNormLayout& L, const T* x, int64_t c0, int64_t W, 
     k.rows_stats(x + r0 * C + c0, std::min(rows, M - r0), W, C, &pmean[q * W], &pm2[q * W], scratch.data());
   }
   auto chunk_count = [&](int64_t q) { return double(std::min(rows, M - q * rows)); };
-  merge_columns(chunks, chunk_count, pmean.get(), pm2.get(), W, mean + c0, m2 + c0);
+  merge_columns(chunks, chunk_count, pmean.get(), pm2.get(), W, W, mean + c0, m2 + c0);
 }
 
 // y = (x - mean) * scale + shift for channels [c0, c0 + W); the vectors are indexed by channel.
@@ -307,7 +344,7 @@ void channel_moments(const BatchNormLayout& L, const T* x, double* mean, double*
     cb.parallel_each(L.x.numel(), [&](int64_t i, int64_t, int64_t off, int64_t runs, int64_t len) {
       k.plane_stats(x + off, runs, len, cb.stride(), &pmean[i], &pm2[i]);
     });
-    merge_columns(K, [&](int64_t b) { return cb.values(b); }, pmean.get(), pm2.get(), C, mean, m2);
+    merge_columns(K, [&](int64_t b) { return cb.values(b); }, pmean.get(), pm2.get(), C, C, mean, m2);
     return;
   }
   const int64_t M = L.per_channel(), rows = rows_per_chunk(C, M), chunks = (M + rows - 1) / rows;
@@ -320,7 +357,7 @@ void channel_moments(const BatchNormLayout& L, const T* x, double* mean, double*
     }
   });
   auto chunk_count = [&](int64_t q) { return double(std::min(rows, M - q * rows)); };
-  merge_columns(chunks, chunk_count, pmean.get(), pm2.get(), C, mean, m2);
+  merge_columns(chunks, chunk_count, pmean.get(), pm2.get(), C, C, mean, m2);
 }
 
 // Walks the layout, the threads sharing it: f(offset, runs, length, stride, channel) for planar
@@ -400,12 +437,24 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_cpu(const Tensor& input, const Opt
     T* y = reinterpret_cast<T*>(out.data_ptr<scalar_t>());
     std::vector<A> m(C), scale(C), shift(C);
     auto constants = [&](int64_t c0, int64_t c1) {  // per-channel: invstd, then y = (x - m) * scale + shift
+      // restrict pointers: the loop then vectorises (through the captured vectors it reloads
+      // every pointer after each store, and a scalar sqrt and division per channel show at C = 1000)
+      double* __restrict vr = var.data();
+      double* __restrict is = invstd.data();
+      const double* __restrict mn = mean.data();
+      const double* __restrict q = m2.data();
+      const double* __restrict wt = w.data();
+      const double* __restrict bs = b.data();
+      A* __restrict mc = m.data();
+      A* __restrict sc = scale.data();
+      A* __restrict sh = shift.data();
+      if (training)
+        for (int64_t c = c0; c < c1; ++c) vr[c] = q[c] / double(M);
       for (int64_t c = c0; c < c1; ++c) {
-        if (training) var[c] = m2[c] / double(M);
-        invstd[c] = 1.0 / std::sqrt(var[c] + eps);
-        m[c] = A(mean[c]);
-        scale[c] = A(w[c] * invstd[c]);
-        shift[c] = A(b[c]);
+        is[c] = 1.0 / std::sqrt(vr[c] + eps);
+        mc[c] = A(mn[c]);
+        sc[c] = A(wt[c] * is[c]);
+        sh[c] = A(bs[c]);
       }
     };
     const ChannelGroups groups(L, sizeof(T));
@@ -421,12 +470,36 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_cpu(const Tensor& input, const Opt
       normalized = true;
       return;
     }
+    const auto& k = cpu::kernels_for<T>();
+    if (training && rows_in_phases(L)) {  // chunk moments | merge, constants | normalise the chunks
+      const int64_t rows = rows_per_chunk(C, M), chunks = (M + rows - 1) / rows;
+      auto pmean = partials<double>(chunks * C), pm2 = partials<double>(chunks * C);
+      three_phases(
+          chunks, C, L.x.numel(),
+          [&](int64_t q0, int64_t q1) {
+            std::vector<A> scratch(2 * C);
+            for (int64_t q = q0; q < q1; ++q)
+              k.rows_stats(x + q * rows * C, chunk_rows(q, rows, M), C, C, &pmean[q * C], &pm2[q * C],
+                           scratch.data());
+          },
+          [&](int64_t c0, int64_t c1) {
+            merge_columns(chunks, [&](int64_t q) { return double(chunk_rows(q, rows, M)); }, &pmean[c0], &pm2[c0],
+                          c1 - c0, C, &mean[c0], &m2[c0]);
+            constants(c0, c1);
+          },
+          [&](int64_t q0, int64_t q1) {
+            for (int64_t q = q0; q < q1; ++q)
+              k.rows_normalize(x + q * rows * C, y + q * rows * C, chunk_rows(q, rows, M), C, C, m.data(),
+                               scale.data(), shift.data());
+          });
+      normalized = true;
+      return;
+    }
     if (training) {
       channel_moments<T>(L, x, mean.data(), m2.data());
     }
     constants(0, C);
     if (M == 0) return;
-    const auto& k = cpu::kernels_for<T>();
     for_each_span(
         L, [&](int64_t off, int64_t runs, int64_t len, int64_t stride, int64_t c) { k.plane_normalize(x + off, y + off, runs, len, stride, m[c], scale[c], shift[c]); },
         [&](int64_t r0, int64_t nr) {
@@ -562,7 +635,8 @@ Tensor batch_norm_backward_input_cpu(const Tensor& grad_output, const Tensor& in
 }
 
 // All three gradients in training mode. With channel groups the per-channel sums and dx are
-// computed in one region (dx re-reads x and dy from cache); otherwise reduce, then input.
+// computed in one region (dx re-reads x and dy from cache), rows that cannot be owned in three
+// phases of one region; otherwise reduce, then input.
 std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(const Tensor& grad_output, const Tensor& input,
                                                            const Tensor& mean, const Tensor& invstd,
                                                            const OptTensor& weight) {
@@ -571,7 +645,8 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(const Tensor& grad_ou
   const BatchNormLayout L = batch_norm_layout(input);
   const int64_t C = L.C, M = L.per_channel();
   const bool fused = M > 0 && ChannelGroups(L, 2 * input.element_size()).usable;
-  if (!fused) {
+  const bool phases = M > 0 && !fused && rows_in_phases(L);
+  if (!fused && !phases) {
     auto sums = batch_norm_backward_reduce_cpu(grad_output, input, mean, invstd, weight);
     Tensor dx = batch_norm_backward_input_cpu(grad_output, input, mean, invstd, weight, std::get<0>(sums),
                                               std::get<1>(sums));
@@ -589,18 +664,48 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(const Tensor& grad_ou
     const T* g = reinterpret_cast<const T*>(dy.const_data_ptr<scalar_t>());
     T* d = reinterpret_cast<T*>(dx.data_ptr<scalar_t>());
     std::vector<A> m(mu.begin(), mu.end()), a(C), b(C), c(C);
+    auto constants = [&](int64_t j0, int64_t j1) {
+      for (int64_t j = j0; j < j1; ++j) {
+        // as batch_norm_backward_input_cpu, with the sums rounded as the reduce op returns them
+        const double aj = w[j] * is[j];
+        a[j] = A(aj);
+        b[j] = A(aj * is[j] * is[j] * double(A(sdyxmu[j])) / double(M));
+        c[j] = A(aj * double(A(sdy[j])) / double(M));
+      }
+    };
+    if (phases) {  // chunk sums | per-channel sums, constants | dx of the chunks
+      const auto& k = cpu::kernels_for<T>();
+      const int64_t rows = rows_per_chunk(C, M), chunks = (M + rows - 1) / rows;
+      auto p1 = partials<A>(chunks * C), p2 = partials<A>(chunks * C);
+      three_phases(
+          chunks, C, L.x.numel(),
+          [&](int64_t q0, int64_t q1) {
+            for (int64_t q = q0; q < q1; ++q)
+              k.rows_grad_sums(g + q * rows * C, x + q * rows * C, chunk_rows(q, rows, M), C, C, m.data(),
+                               &p1[q * C], &p2[q * C]);
+          },
+          [&](int64_t j0, int64_t j1) {
+            for (int64_t j = j0; j < j1; ++j) sdy[j] = sdyxmu[j] = 0;
+            for (int64_t q = 0; q < chunks; ++q)  // chunk order, as grad_sums: the same sums to the bit
+              for (int64_t j = j0; j < j1; ++j) {
+                sdy[j] += p1[q * C + j];
+                sdyxmu[j] += p2[q * C + j];
+              }
+            constants(j0, j1);
+          },
+          [&](int64_t q0, int64_t q1) {
+            for (int64_t q = q0; q < q1; ++q)
+              k.rows_grad_input(g + q * rows * C, x + q * rows * C, d + q * rows * C, chunk_rows(q, rows, M), C, C,
+                                m.data(), a.data(), b.data(), c.data());
+          });
+      return;
+    }
     const ChannelGroups groups(L, 2 * sizeof(T));
     at::parallel_for(0, groups.count, grain(groups.count, L.x.numel()), [&](int64_t g0, int64_t g1) {
       for (int64_t grp = g0; grp < g1; ++grp) {
         const int64_t c0 = groups.start(grp), W = groups.length(grp, C);
         group_grad_sums<T>(L, g, x, c0, W, m.data(), sdy.data(), sdyxmu.data());
-        for (int64_t j = c0; j < c0 + W; ++j) {
-          // as batch_norm_backward_input_cpu, with the sums rounded as the reduce op returns them
-          const double aj = w[j] * is[j];
-          a[j] = A(aj);
-          b[j] = A(aj * is[j] * is[j] * double(A(sdyxmu[j])) / double(M));
-          c[j] = A(aj * double(A(sdy[j])) / double(M));
-        }
+        constants(c0, c0 + W);
         group_grad_input<T>(L, g, x, d, c0, W, m.data(), a.data(), b.data(), c.data());
       }
     });
