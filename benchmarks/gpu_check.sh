@@ -5,7 +5,9 @@
 # limit, so that one slow step cannot eat the others. Writes at most 8 files to $OUT (default
 # ./gpu-results): summary.md, build.log, tests.log, bench.log, the benchmark table and plot,
 # profile.log, extra.log. Needs python3 with torch (CUDA), pytest, matplotlib, tqdm; nvcc.
-#   bash benchmarks/gpu_check.sh      # ~6 min on an H100
+#   bash benchmarks/gpu_check.sh      # over 8 min on an H100 (the benchmark alone ~4 min);
+#   TEST_K="cuda and not bad_input" BENCH_ARGS="--dtypes float32,bfloat16 --rounds 3 --min-run-time 0.03 --compile 0" \
+#     BENCH_LIMIT=150 TRAIN=0 bash benchmarks/gpu_check.sh     # what fit a 15-minute lease: 4.5 min
 # Environment: TEST_K (a pytest -k selection; default: the whole suite), BENCH_ARGS (default
 # "--rounds 3 --min-run-time 0.05 --compile 0"), BENCH_LIMIT (s, default 240), TRAIN=0 skips the
 # training runs.
