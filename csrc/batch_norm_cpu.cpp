@@ -115,6 +115,21 @@ bool parallel_over_channels(const BatchNormLayout& L) {
   return L.C >= 4 * int64_t(at::get_num_threads()) && L.S >= kMinRun;
 }
 
+// Planes shorter than kMinRun values (2x2, 5x5 maps) are walked as rows: the input (N, C, S) is
+// also (N, C * S), a column per (channel, position), where the row loops run at full vector width
+// across channels instead of a few values at a time. Statistics and sums are then merged over
+// each channel's S columns (in column order), and the elementwise passes use per-column constants.
+bool short_planes(const BatchNormLayout& L) { return L.planar && L.S < kMinRun; }
+BatchNormLayout as_rows(const BatchNormLayout& L) { return {L.x, false, L.format, L.N, L.C * L.S, 1}; }
+
+template <typename V>
+std::vector<V> per_column(const std::vector<V>& v, int64_t S) {
+  std::vector<V> out(v.size() * S);
+  for (size_t c = 0; c < v.size(); ++c)
+    for (int64_t s = 0; s < S; ++s) out[c * S + s] = v[c];
+  return out;
+}
+
 // One channel's N runs of S values (C * S apart) in blocks that fit L1: several whole runs per
 // block when runs are short, else each run cut into pieces. Block b of every channel holds the
 // same number of values.
@@ -329,6 +344,14 @@ void group_grad_input(const BatchNormLayout& L, const T* g, const T* x, T* dx, i
 template <typename T>
 void channel_moments(const BatchNormLayout& L, const T* x, double* mean, double* m2) {
   const int64_t C = L.C;
+  if (short_planes(L)) {  // moments per column of (N, C * S), then Chan's merge of a channel's S
+    const int64_t S = L.S;
+    std::vector<double> cmean(C * S), cm2(C * S);
+    channel_moments<T>(as_rows(L), x, cmean.data(), cm2.data());
+    for (int64_t c = 0; c < C; ++c)
+      merge_moments(S, [&](int64_t) { return double(L.N); }, &cmean[c * S], &cm2[c * S], 1, &mean[c], &m2[c]);
+    return;
+  }
   const ChannelGroups groups(L, /*bytes_per_value=*/0);  // no cache limit: one pass either way
   if (groups.usable) {
     at::parallel_for(0, groups.count, grain(groups.count, L.x.numel()), [&](int64_t g0, int64_t g1) {
@@ -361,7 +384,9 @@ void channel_moments(const BatchNormLayout& L, const T* x, double* mean, double*
 }
 
 // Walks the layout, the threads sharing it: f(offset, runs, length, stride, channel) for planar
-// blocks, or g(row0, nrows) for row chunks; each task a contiguous range.
+// blocks, or g(row0, nrows) for row chunks; each task a contiguous range. `no_planes` is the f
+// of a layout known to be rows.
+constexpr auto no_planes = [](int64_t, int64_t, int64_t, int64_t, int64_t) {};
 template <typename F, typename G>
 void for_each_span(const BatchNormLayout& L, F&& planar_fn, G&& rows_fn) {
   if (L.planar) {
@@ -500,6 +525,15 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_cpu(const Tensor& input, const Opt
     }
     constants(0, C);
     if (M == 0) return;
+    if (short_planes(L)) {
+      const BatchNormLayout R = as_rows(L);
+      const auto cm = per_column(m, L.S), cs = per_column(scale, L.S), csh = per_column(shift, L.S);
+      for_each_span(R, no_planes, [&](int64_t r0, int64_t nr) {
+        k.rows_normalize(x + r0 * R.C, y + r0 * R.C, nr, R.C, R.C, cm.data(), cs.data(), csh.data());
+      });
+      normalized = true;
+      return;
+    }
     for_each_span(
         L, [&](int64_t off, int64_t runs, int64_t len, int64_t stride, int64_t c) { k.plane_normalize(x + off, y + off, runs, len, stride, m[c], scale[c], shift[c]); },
         [&](int64_t r0, int64_t nr) {
@@ -528,6 +562,17 @@ void grad_sums(const BatchNormLayout& L, const T* g, const T* x, const std::vect
   using A = cpu::acc_t<T>;
   const auto& k = cpu::kernels_for<T>();
   const int64_t C = L.C;
+  if (short_planes(L)) {  // sums per column of (N, C * S), then over a channel's S columns in order
+    const int64_t S = L.S;
+    std::vector<double> s1(C * S, 0.0), s2(C * S, 0.0);
+    grad_sums<T>(as_rows(L), g, x, per_column(mu, S), s1, s2);
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t s = 0; s < S; ++s) {
+        sdy[c] += s1[c * S + s];
+        sdyxmu[c] += s2[c * S + s];
+      }
+    return;
+  }
   const ChannelGroups groups(L, /*bytes_per_value=*/0);
   if (groups.usable) {
     at::parallel_for(0, groups.count, grain(groups.count, L.x.numel()), [&](int64_t g0, int64_t g1) {
@@ -625,6 +670,16 @@ Tensor batch_norm_backward_input_cpu(const Tensor& grad_output, const Tensor& in
     const T* x = reinterpret_cast<const T*>(L.x.const_data_ptr<scalar_t>());
     const T* g = reinterpret_cast<const T*>(dy.const_data_ptr<scalar_t>());
     T* d = reinterpret_cast<T*>(dx.data_ptr<scalar_t>());
+    if (short_planes(L)) {
+      const BatchNormLayout R = as_rows(L);
+      const int64_t S = L.S;
+      const auto cm = per_column(m, S), ca = per_column(a, S), cb = per_column(b, S), cc = per_column(c, S);
+      for_each_span(R, no_planes, [&](int64_t r0, int64_t nr) {
+        k.rows_grad_input(g + r0 * R.C, x + r0 * R.C, d + r0 * R.C, nr, R.C, R.C, cm.data(), ca.data(), cb.data(),
+                          cc.data());
+      });
+      return;
+    }
     for_each_span(
         L, [&](int64_t off, int64_t runs, int64_t len, int64_t stride, int64_t j) { k.plane_grad_input(g + off, x + off, d + off, runs, len, stride, m[j], a[j], b[j], c[j]); },
         [&](int64_t r0, int64_t nr) {
