@@ -261,9 +261,9 @@ def write_results(res, args):
         f"{res['mm_rate'] / 1e9:.0f} GFLOP/s",
         "- times: torch.utils.benchmark medians, fastbn and torch interleaved, median of rounds; "
         "ratio = torch / fastbn (> 1: fastbn faster); `compiled` = torch.compile of the builtin module",
-        "- `(graph)` rows (CUDA): the same calls captured in a CUDA graph and replayed, so the GPU's time alone "
-        "(no Python, dispatcher or launch cost); the other rows are eager calls, host work included",
-    ] + (["- **interrupted**: the run stopped early (time limit); the rows below are those measured"]
+    ] + (["- `(graph)` rows (CUDA): the same calls captured in a CUDA graph and replayed, so the GPU's time "
+          "alone (no Python, dispatcher or launch cost); the other rows are eager calls, host work included"]
+         if any("(graph)" in r["group"] for r in res["rows"]) else []) + (["- **interrupted**: the run stopped early (time limit); the rows below are those measured"]
          if res.get("interrupted") else []) + [
         "",
         "| group | case | mode | dtype | layout | fastbn ms | torch ms | ratio | torch.compile ms | fastbn achieved | of roofline |",
