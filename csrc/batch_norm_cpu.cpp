@@ -115,7 +115,7 @@ bool parallel_over_channels(const BatchNormLayout& L) {
   return L.C >= 4 * int64_t(at::get_num_threads()) && L.S >= kMinRun;
 }
 
-// Planes shorter than kMinRun values (2x2, 5x5 maps) are walked as rows: the input (N, C, S) is
+// Planes shorter than kMinRun values (2x2, 3x3 maps) are walked as rows: the input (N, C, S) is
 // also (N, C * S), a column per (channel, position), where the row loops run at full vector width
 // across channels instead of a few values at a time. Statistics and sums are then merged over
 // each channel's S columns (in column order), and the elementwise passes use per-column constants.
