@@ -23,6 +23,7 @@ SHAPES = [
     (40, 16, 12, 12),  # short planes: several runs per block, several blocks per channel
     (4, 64, 12, 12),   # channels_last: column slices of whole cache lines
     (64, 3, 40, 40),   # few channels, large N*H*W: CUDA merges over 32 partials per channel
+    (128, 40, 3, 3),   # short planes, threaded: walked as rows of C*S columns on the CPU
 ]
 
 
@@ -273,7 +274,7 @@ def test_empty_batch(device):
 
 @pytest.mark.parametrize("shape,channels_last", [
     ((16, 8, 33, 17), False), ((40, 16, 12, 12), False), ((64, 3, 40, 40), False), ((4, 64, 12, 12), True),
-    ((200, 1000), False), ((300, 64), False),
+    ((200, 1000), False), ((300, 64), False), ((128, 64, 2, 2), False), ((512, 7, 3, 3), False),
 ])
 def test_deterministic_across_thread_counts(shape, channels_last):
     """The same bits whatever the thread count (which also picks between the per-channel and the
