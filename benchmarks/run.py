@@ -13,6 +13,7 @@ import platform
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -261,10 +262,14 @@ def write_results(res, args):
         f"{res['mm_rate'] / 1e9:.0f} GFLOP/s",
         "- times: torch.utils.benchmark medians, fastbn and torch interleaved, median of rounds; "
         "ratio = torch / fastbn (> 1: fastbn faster); `compiled` = torch.compile of the builtin module",
-    ] + (["- `(graph)` rows (CUDA): the same calls captured in a CUDA graph and replayed, so the GPU's time "
-          "alone (no Python, dispatcher or launch cost); the other rows are eager calls, host work included"]
-         if any("(graph)" in r["group"] for r in res["rows"]) else []) + (["- **interrupted**: the run stopped early (time limit); the rows below are those measured"]
-         if res.get("interrupted") else []) + [
+    ]
+    if any("(graph)" in r["group"] for r in res["rows"]):
+        head.append("- `(graph)` rows (CUDA): the same calls captured in a CUDA graph and replayed, so the GPU's "
+                    "time alone (no Python, dispatcher or launch cost); the other rows are eager calls, host work "
+                    "included")
+    if res.get("interrupted"):
+        head.append("- **interrupted**: the run stopped early (time limit); the rows below are those measured")
+    head += [
         "",
         "| group | case | mode | dtype | layout | fastbn ms | torch ms | ratio | torch.compile ms | fastbn achieved | of roofline |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -320,7 +325,8 @@ def main(argv=None):
     if args.quick:
         args.compile = 0
     # a time limit's SIGTERM ends the run like Ctrl-C: the rows measured so far are still written
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler) if main_thread else None
     res = {}
     try:
         run(args, res)
@@ -329,6 +335,9 @@ def main(argv=None):
             raise
         res["interrupted"] = True
         print("interrupted: writing the rows measured so far", flush=True)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     return write_results(res, args)
 
 

@@ -21,3 +21,15 @@ def test_quick_run_writes_table_and_plot(tmp_path):
     text = md.read_text()
     assert "| BatchNorm |" in text and "| Linear+LReLU |" in text and "commit:" in text and "torch " in text
     assert len(list(tmp_path.glob("*-sweep.png"))) == 1
+
+
+def test_interrupted_run_still_writes_its_rows(tmp_path, monkeypatch):
+    real_run = run.run
+
+    def run_then_stop(args, res):  # as a time limit's SIGTERM would, after some rows
+        real_run(args, res)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run, "run", run_then_stop)
+    text = run.main(["--quick", "--out", str(tmp_path)]).read_text()
+    assert "**interrupted**" in text and "| BatchNorm |" in text
