@@ -65,15 +65,22 @@ void merge_moments(int64_t K, CountFn count, const double* pmean, const double* 
   *m2_out = m2;
 }
 
-// Rows per chunk of the rows layout: a cache block of all C columns, but at least 8 chunks so
-// that threads sharing the rows get even shares. The same chunks whether a task owns a column
-// slice or a range of chunks, and from the shape alone, so that the partial statistics -- and
-// so the results, to the bit -- do not depend on the thread count or the path taken.
+// The chunks of rows of the rows layout (M rows of C columns): a cache block of all C columns,
+// but at least 8 chunks so that threads sharing the rows get even shares. The same chunks whether
+// a task owns a column slice or a range of chunks, and from the shape alone, so that the partial
+// statistics -- and so the results, to the bit -- do not depend on the thread count or the path.
 constexpr int64_t kMinRowChunks = 8;
-int64_t rows_per_chunk(int64_t C, int64_t M) {
-  const int64_t block = std::max<int64_t>(1, kRowsBlock / std::max<int64_t>(C, 1));
-  return std::max<int64_t>(1, std::min(block, (M + kMinRowChunks - 1) / kMinRowChunks));
-}
+struct RowChunks {
+  int64_t M, rows, count;  // rows per chunk, chunks
+  RowChunks(int64_t C, int64_t M) : M(M) {
+    const int64_t block = std::max<int64_t>(1, kRowsBlock / std::max<int64_t>(C, 1));
+    rows = std::max<int64_t>(1, std::min(block, (M + kMinRowChunks - 1) / kMinRowChunks));
+    count = (M + rows - 1) / rows;
+  }
+  int64_t first(int64_t q) const { return q * rows; }                          // its first row
+  int64_t length(int64_t q) const { return std::min(rows, M - q * rows); }     // its rows
+  double values(int64_t q) const { return double(length(q)); }                 // per column
+};
 
 // merge_moments for C channels at once, the K partials of channel c at [k * stride + c]: the
 // same arithmetic, in the same order, vectorised over channels.
@@ -104,6 +111,20 @@ void merge_columns(int64_t K, CountFn count, const double* pmean, const double* 
       m2[c] += qk[c] + w * d * d;
     }
   }
+}
+
+// sdy[c] = sum of p1[k * C + c] over the K partials in order (sdyxmu likewise from p2), for
+// channels [c0, c1): the per-channel gradient sums of block or chunk partials, the same
+// arithmetic on every path.
+template <typename P>
+void sum_partials(int64_t K, const P* p1, const P* p2, int64_t C, int64_t c0, int64_t c1, double* sdy,
+                  double* sdyxmu) {
+  for (int64_t c = c0; c < c1; ++c) sdy[c] = sdyxmu[c] = 0;
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t c = c0; c < c1; ++c) {
+      sdy[c] += p1[k * C + c];
+      sdyxmu[c] += p2[k * C + c];
+    }
 }
 
 // Whole channels per task when there are enough of them (a channel's values are N runs of S,
@@ -243,9 +264,6 @@ struct ChannelGroups {
 // that are not whole cache lines, or a single column slice on several threads).
 bool rows_in_phases(const BatchNormLayout& L) { return !L.planar && !ChannelGroups(L, 0).usable; }
 
-// Rows of chunk q of the rows layout, `rows` per chunk (rows_per_chunk).
-int64_t chunk_rows(int64_t q, int64_t rows, int64_t M) { return std::min(rows, M - q * rows); }
-
 // Moments of channels [c0, c0 + W) into mean/m2 (indexed by channel).
 template <typename T>
 void group_moments(const BatchNormLayout& L, const T* x, int64_t c0, int64_t W, double* mean, double* m2) {
@@ -263,15 +281,13 @@ void group_moments(const BatchNormLayout& L, const T* x, int64_t c0, int64_t W, 
     }
     return;
   }
-  const int64_t C = L.C, M = L.per_channel(), rows = rows_per_chunk(C, M), chunks = (M + rows - 1) / rows;
-  auto pmean = partials<double>(chunks * W), pm2 = partials<double>(chunks * W);
+  const int64_t C = L.C;
+  const RowChunks rc(C, L.per_channel());
+  auto pmean = partials<double>(rc.count * W), pm2 = partials<double>(rc.count * W);
   std::vector<cpu::acc_t<T>> scratch(2 * W);
-  for (int64_t q = 0; q < chunks; ++q) {
-    const int64_t r0 = q * rows;
-    k.rows_stats(x + r0 * C + c0, std::min(rows, M - r0), W, C, &pmean[q * W], &pm2[q * W], scratch.data());
-  }
-  auto chunk_count = [&](int64_t q) { return double(std::min(rows, M - q * rows)); };
-  merge_columns(chunks, chunk_count, pmean.get(), pm2.get(), W, W, mean + c0, m2 + c0);
+  for (int64_t q = 0; q < rc.count; ++q)
+    k.rows_stats(x + rc.first(q) * C + c0, rc.length(q), W, C, &pmean[q * W], &pm2[q * W], scratch.data());
+  merge_columns(rc.count, [&](int64_t q) { return rc.values(q); }, pmean.get(), pm2.get(), W, W, mean + c0, m2 + c0);
 }
 
 // y = (x - mean) * scale + shift for channels [c0, c0 + W); the vectors are indexed by channel.
@@ -310,11 +326,13 @@ void group_grad_sums(const BatchNormLayout& L, const T* g, const T* x, int64_t c
     }
     return;
   }
-  const int64_t C = L.C, M = L.per_channel(), rows = rows_per_chunk(C, M);
+  const int64_t C = L.C;
+  const RowChunks rc(C, L.per_channel());
   std::vector<cpu::acc_t<T>> p1(W), p2(W);
   for (int64_t c = 0; c < W; ++c) sdy[c0 + c] = sdyxmu[c0 + c] = 0;
-  for (int64_t r0 = 0; r0 < M; r0 += rows) {
-    k.rows_grad_sums(g + r0 * C + c0, x + r0 * C + c0, std::min(rows, M - r0), W, C, mu + c0, p1.data(), p2.data());
+  for (int64_t q = 0; q < rc.count; ++q) {
+    const int64_t r0 = rc.first(q);
+    k.rows_grad_sums(g + r0 * C + c0, x + r0 * C + c0, rc.length(q), W, C, mu + c0, p1.data(), p2.data());
     for (int64_t c = 0; c < W; ++c) {
       sdy[c0 + c] += p1[c];
       sdyxmu[c0 + c] += p2[c];
@@ -370,17 +388,14 @@ void channel_moments(const BatchNormLayout& L, const T* x, double* mean, double*
     merge_columns(K, [&](int64_t b) { return cb.values(b); }, pmean.get(), pm2.get(), C, C, mean, m2);
     return;
   }
-  const int64_t M = L.per_channel(), rows = rows_per_chunk(C, M), chunks = (M + rows - 1) / rows;
-  auto pmean = partials<double>(chunks * C), pm2 = partials<double>(chunks * C);
-  at::parallel_for(0, chunks, grain(chunks, M * C), [&](int64_t q0, int64_t q1) {
+  const RowChunks rc(C, L.per_channel());
+  auto pmean = partials<double>(rc.count * C), pm2 = partials<double>(rc.count * C);
+  at::parallel_for(0, rc.count, grain(rc.count, L.x.numel()), [&](int64_t q0, int64_t q1) {
     std::vector<cpu::acc_t<T>> scratch(2 * C);
-    for (int64_t q = q0; q < q1; ++q) {
-      const int64_t r0 = q * rows;
-      k.rows_stats(x + r0 * C, std::min(rows, M - r0), C, C, &pmean[q * C], &pm2[q * C], scratch.data());
-    }
+    for (int64_t q = q0; q < q1; ++q)
+      k.rows_stats(x + rc.first(q) * C, rc.length(q), C, C, &pmean[q * C], &pm2[q * C], scratch.data());
   });
-  auto chunk_count = [&](int64_t q) { return double(std::min(rows, M - q * rows)); };
-  merge_columns(chunks, chunk_count, pmean.get(), pm2.get(), C, C, mean, m2);
+  merge_columns(rc.count, [&](int64_t q) { return rc.values(q); }, pmean.get(), pm2.get(), C, C, mean, m2);
 }
 
 // Walks the layout, the threads sharing it: f(offset, runs, length, stride, channel) for planar
@@ -395,9 +410,9 @@ void for_each_span(const BatchNormLayout& L, F&& planar_fn, G&& rows_fn) {
       planar_fn(off, runs, len, cb.stride(), c);
     });
   } else {
-    const int64_t M = L.per_channel(), rows = rows_per_chunk(L.C, M), chunks = (M + rows - 1) / rows;
-    at::parallel_for(0, chunks, grain(chunks, M * L.C), [&](int64_t q0, int64_t q1) {
-      for (int64_t q = q0; q < q1; ++q) rows_fn(q * rows, std::min(rows, M - q * rows));
+    const RowChunks rc(L.C, L.per_channel());
+    at::parallel_for(0, rc.count, grain(rc.count, L.x.numel()), [&](int64_t q0, int64_t q1) {
+      for (int64_t q = q0; q < q1; ++q) rows_fn(rc.first(q), rc.length(q));
     });
   }
 }
@@ -426,6 +441,21 @@ Tensor channel_tensor(const std::vector<double>& v, const Tensor& like, at::Scal
   Tensor t = at::empty({int64_t(v.size())}, like.options().dtype(dtype));
   write_channels(t, v);
   return t;
+}
+
+// The constants of dx = a * dy - (x - mean) * b - c for channels [j0, j1): a = weight * invstd
+// and, in training, b = a * invstd^2 * sum_dy_xmu / M, c = a * sum_dy / M (zero sums: eval).
+// The sums are rounded to the accumulation type as the reduce op returns them, so that the fused
+// backward and reduce-then-input give the same bits.
+template <typename A>
+void grad_input_constants(const std::vector<double>& w, const std::vector<double>& is, const double* sdy,
+                          const double* sdyxmu, int64_t M, int64_t j0, int64_t j1, A* a, A* b, A* c) {
+  for (int64_t j = j0; j < j1; ++j) {
+    const double aj = w[j] * is[j];
+    a[j] = A(aj);
+    b[j] = A(aj * is[j] * is[j] * double(A(sdyxmu[j])) / double(M));
+    c[j] = A(aj * double(A(sdy[j])) / double(M));
+  }
 }
 
 Tensor empty_like_layout(const BatchNormLayout& L) {
@@ -497,25 +527,25 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_cpu(const Tensor& input, const Opt
     }
     const auto& k = cpu::kernels_for<T>();
     if (training && rows_in_phases(L)) {  // chunk moments | merge, constants | normalise the chunks
-      const int64_t rows = rows_per_chunk(C, M), chunks = (M + rows - 1) / rows;
-      auto pmean = partials<double>(chunks * C), pm2 = partials<double>(chunks * C);
+      const RowChunks rc(C, M);
+      auto pmean = partials<double>(rc.count * C), pm2 = partials<double>(rc.count * C);
       three_phases(
-          chunks, C, L.x.numel(),
+          rc.count, C, L.x.numel(),
           [&](int64_t q0, int64_t q1) {
             std::vector<A> scratch(2 * C);
             for (int64_t q = q0; q < q1; ++q)
-              k.rows_stats(x + q * rows * C, chunk_rows(q, rows, M), C, C, &pmean[q * C], &pm2[q * C],
-                           scratch.data());
+              k.rows_stats(x + rc.first(q) * C, rc.length(q), C, C, &pmean[q * C], &pm2[q * C], scratch.data());
           },
           [&](int64_t c0, int64_t c1) {
-            merge_columns(chunks, [&](int64_t q) { return double(chunk_rows(q, rows, M)); }, &pmean[c0], &pm2[c0],
-                          c1 - c0, C, &mean[c0], &m2[c0]);
+            merge_columns(rc.count, [&](int64_t q) { return rc.values(q); }, &pmean[c0], &pm2[c0], c1 - c0, C,
+                          &mean[c0], &m2[c0]);
             constants(c0, c1);
           },
           [&](int64_t q0, int64_t q1) {
-            for (int64_t q = q0; q < q1; ++q)
-              k.rows_normalize(x + q * rows * C, y + q * rows * C, chunk_rows(q, rows, M), C, C, m.data(),
-                               scale.data(), shift.data());
+            for (int64_t q = q0; q < q1; ++q) {
+              const int64_t o = rc.first(q) * C;
+              k.rows_normalize(x + o, y + o, rc.length(q), C, C, m.data(), scale.data(), shift.data());
+            }
           });
       normalized = true;
       return;
@@ -588,26 +618,18 @@ void grad_sums(const BatchNormLayout& L, const T* g, const T* x, const std::vect
     cb.parallel_each(L.x.numel(), [&](int64_t i, int64_t c, int64_t off, int64_t runs, int64_t len) {
       k.plane_grad_sums(g + off, x + off, runs, len, cb.stride(), mu[c], &p1[i], &p2[i]);
     });
-    for (int64_t b = 0; b < K; ++b)  // block order, as group_grad_sums: the same sums to the bit
-      for (int64_t c = 0; c < C; ++c) {
-        sdy[c] += p1[b * C + c];
-        sdyxmu[c] += p2[b * C + c];
-      }
+    sum_partials(K, p1.get(), p2.get(), C, 0, C, sdy.data(), sdyxmu.data());  // block order, as group_grad_sums
     return;
   }
-  const int64_t M = L.per_channel(), rows = rows_per_chunk(C, M), chunks = (M + rows - 1) / rows;
-  auto p1 = partials<A>(chunks * C), p2 = partials<A>(chunks * C);
-  at::parallel_for(0, chunks, grain(chunks, M * C), [&](int64_t q0, int64_t q1) {
+  const RowChunks rc(C, L.per_channel());
+  auto p1 = partials<A>(rc.count * C), p2 = partials<A>(rc.count * C);
+  at::parallel_for(0, rc.count, grain(rc.count, L.x.numel()), [&](int64_t q0, int64_t q1) {
     for (int64_t q = q0; q < q1; ++q) {
-      const int64_t r0 = q * rows;
-      k.rows_grad_sums(g + r0 * C, x + r0 * C, std::min(rows, M - r0), C, C, mu.data(), &p1[q * C], &p2[q * C]);
+      const int64_t o = rc.first(q) * C;
+      k.rows_grad_sums(g + o, x + o, rc.length(q), C, C, mu.data(), &p1[q * C], &p2[q * C]);
     }
   });
-  for (int64_t q = 0; q < chunks; ++q)  // fixed order: deterministic
-    for (int64_t c = 0; c < C; ++c) {
-      sdy[c] += p1[q * C + c];
-      sdyxmu[c] += p2[q * C + c];
-    }
+  sum_partials(rc.count, p1.get(), p2.get(), C, 0, C, sdy.data(), sdyxmu.data());  // chunk order: deterministic
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_backward_reduce_cpu(const Tensor& grad_output,
@@ -650,8 +672,6 @@ Tensor batch_norm_backward_input_cpu(const Tensor& grad_output, const Tensor& in
   const int64_t C = L.C, M = L.per_channel();
   if (M == 0) return dx;
 
-  // dx = a * dy - (x - mean) * b - c, with a = weight * invstd and, in training,
-  //      b = a * invstd^2 * sum_dy_xmu / M,  c = a * sum_dy / M
   const std::vector<double> w = read_channels(weight, C, 1.0), is = read_channels(invstd, C, 1.0);
   const std::vector<double> s1 = read_channels(sum_dy, C, 0.0), s2 = read_channels(sum_dy_xmu, C, 0.0);
   const std::vector<double> mu = read_channels(mean, C, 0.0);
@@ -659,14 +679,8 @@ Tensor batch_norm_backward_input_cpu(const Tensor& grad_output, const Tensor& in
     using T = cpu::kernel_type<scalar_t>;
     using A = cpu::acc_t<T>;
     const auto& k = cpu::kernels_for<T>();
-    std::vector<A> m(C), a(C), b(C), c(C);
-    for (int64_t j = 0; j < C; ++j) {
-      const double aj = w[j] * is[j];
-      m[j] = A(mu[j]);
-      a[j] = A(aj);
-      b[j] = A(aj * is[j] * is[j] * s2[j] / double(M));
-      c[j] = A(aj * s1[j] / double(M));
-    }
+    std::vector<A> m(mu.begin(), mu.end()), a(C), b(C), c(C);
+    grad_input_constants(w, is, s1.data(), s2.data(), M, 0, C, a.data(), b.data(), c.data());
     const T* x = reinterpret_cast<const T*>(L.x.const_data_ptr<scalar_t>());
     const T* g = reinterpret_cast<const T*>(dy.const_data_ptr<scalar_t>());
     T* d = reinterpret_cast<T*>(dx.data_ptr<scalar_t>());
@@ -720,38 +734,29 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(const Tensor& grad_ou
     T* d = reinterpret_cast<T*>(dx.data_ptr<scalar_t>());
     std::vector<A> m(mu.begin(), mu.end()), a(C), b(C), c(C);
     auto constants = [&](int64_t j0, int64_t j1) {
-      for (int64_t j = j0; j < j1; ++j) {
-        // as batch_norm_backward_input_cpu, with the sums rounded as the reduce op returns them
-        const double aj = w[j] * is[j];
-        a[j] = A(aj);
-        b[j] = A(aj * is[j] * is[j] * double(A(sdyxmu[j])) / double(M));
-        c[j] = A(aj * double(A(sdy[j])) / double(M));
-      }
+      grad_input_constants(w, is, sdy.data(), sdyxmu.data(), M, j0, j1, a.data(), b.data(), c.data());
     };
     if (phases) {  // chunk sums | per-channel sums, constants | dx of the chunks
       const auto& k = cpu::kernels_for<T>();
-      const int64_t rows = rows_per_chunk(C, M), chunks = (M + rows - 1) / rows;
-      auto p1 = partials<A>(chunks * C), p2 = partials<A>(chunks * C);
+      const RowChunks rc(C, M);
+      auto p1 = partials<A>(rc.count * C), p2 = partials<A>(rc.count * C);
       three_phases(
-          chunks, C, L.x.numel(),
+          rc.count, C, L.x.numel(),
           [&](int64_t q0, int64_t q1) {
-            for (int64_t q = q0; q < q1; ++q)
-              k.rows_grad_sums(g + q * rows * C, x + q * rows * C, chunk_rows(q, rows, M), C, C, m.data(),
-                               &p1[q * C], &p2[q * C]);
+            for (int64_t q = q0; q < q1; ++q) {
+              const int64_t o = rc.first(q) * C;
+              k.rows_grad_sums(g + o, x + o, rc.length(q), C, C, m.data(), &p1[q * C], &p2[q * C]);
+            }
           },
           [&](int64_t j0, int64_t j1) {
-            for (int64_t j = j0; j < j1; ++j) sdy[j] = sdyxmu[j] = 0;
-            for (int64_t q = 0; q < chunks; ++q)  // chunk order, as grad_sums: the same sums to the bit
-              for (int64_t j = j0; j < j1; ++j) {
-                sdy[j] += p1[q * C + j];
-                sdyxmu[j] += p2[q * C + j];
-              }
+            sum_partials(rc.count, p1.get(), p2.get(), C, j0, j1, sdy.data(), sdyxmu.data());  // as grad_sums
             constants(j0, j1);
           },
           [&](int64_t q0, int64_t q1) {
-            for (int64_t q = q0; q < q1; ++q)
-              k.rows_grad_input(g + q * rows * C, x + q * rows * C, d + q * rows * C, chunk_rows(q, rows, M), C, C,
-                                m.data(), a.data(), b.data(), c.data());
+            for (int64_t q = q0; q < q1; ++q) {
+              const int64_t o = rc.first(q) * C;
+              k.rows_grad_input(g + o, x + o, d + o, rc.length(q), C, C, m.data(), a.data(), b.data(), c.data());
+            }
           });
       return;
     }
