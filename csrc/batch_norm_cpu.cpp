@@ -65,6 +65,37 @@ void merge_moments(int64_t K, CountFn count, const double* pmean, const double* 
   *m2_out = m2;
 }
 
+// merge_moments for C channels at once, the K partials of channel c at [k * stride + c]: the
+// same arithmetic, in the same order, vectorised over channels.
+template <typename CountFn, typename P>
+void merge_columns(int64_t K, CountFn count, const P* pmean, const P* pm2, int64_t C, int64_t stride,
+                   double* mean, double* m2) {
+  if (K == 1) {
+    for (int64_t c = 0; c < C; ++c) {
+      mean[c] = double(pmean[c]);
+      m2[c] = double(pm2[c]);
+    }
+    return;
+  }
+  double n = 0;
+  for (int64_t k = 0; k < K; ++k) n += count(k);
+  for (int64_t c = 0; c < C; ++c) mean[c] = m2[c] = 0;
+  for (int64_t k = 0; k < K; ++k) {
+    const double w = count(k);
+    const P* pk = pmean + k * stride;
+    for (int64_t c = 0; c < C; ++c) mean[c] += w * double(pk[c]);
+  }
+  for (int64_t c = 0; c < C; ++c) mean[c] /= n;
+  for (int64_t k = 0; k < K; ++k) {
+    const double w = count(k);
+    const P *pk = pmean + k * stride, *qk = pm2 + k * stride;
+    for (int64_t c = 0; c < C; ++c) {
+      const double d = double(pk[c]) - mean[c];
+      m2[c] += double(qk[c]) + w * d * d;
+    }
+  }
+}
+
 // The chunks of rows of the rows layout (M rows of C columns): a cache block of all C columns,
 // but at least 8 chunks so that threads sharing the rows get even shares. The same chunks whether
 // a task owns a column slice or a range of chunks, and from the shape alone, so that the partial
@@ -80,38 +111,16 @@ struct RowChunks {
   int64_t first(int64_t q) const { return q * rows; }                          // its first row
   int64_t length(int64_t q) const { return std::min(rows, M - q * rows); }     // its rows
   double values(int64_t q) const { return double(length(q)); }                 // per column
-};
 
-// merge_moments for C channels at once, the K partials of channel c at [k * stride + c]: the
-// same arithmetic, in the same order, vectorised over channels.
-template <typename CountFn>
-void merge_columns(int64_t K, CountFn count, const double* pmean, const double* pm2, int64_t C, int64_t stride,
-                   double* mean, double* m2) {
-  if (K == 1) {
-    for (int64_t c = 0; c < C; ++c) {
-      mean[c] = pmean[c];
-      m2[c] = pm2[c];
-    }
-    return;
+  // (mean, m2) of W columns from the chunks' partials, the K partials of column c at
+  // [q * stride + c]; rows_stats gives each mean as its deviation from `base`, the input's first row
+  template <typename P, typename T>
+  void merge(const P* pmean, const P* pm2, int64_t W, int64_t stride, const T* base, double* mean,
+             double* m2) const {
+    merge_columns(count, [&](int64_t q) { return values(q); }, pmean, pm2, W, stride, mean, m2);
+    for (int64_t c = 0; c < W; ++c) mean[c] += cpu::to_double(base[c]);
   }
-  double n = 0;
-  for (int64_t k = 0; k < K; ++k) n += count(k);
-  for (int64_t c = 0; c < C; ++c) mean[c] = m2[c] = 0;
-  for (int64_t k = 0; k < K; ++k) {
-    const double w = count(k);
-    const double* pk = pmean + k * stride;
-    for (int64_t c = 0; c < C; ++c) mean[c] += w * pk[c];
-  }
-  for (int64_t c = 0; c < C; ++c) mean[c] /= n;
-  for (int64_t k = 0; k < K; ++k) {
-    const double w = count(k);
-    const double *pk = pmean + k * stride, *qk = pm2 + k * stride;
-    for (int64_t c = 0; c < C; ++c) {
-      const double d = pk[c] - mean[c];
-      m2[c] += qk[c] + w * d * d;
-    }
-  }
-}
+};
 
 // sdy[c] = sum of p1[k * C + c] over the K partials in order (sdyxmu likewise from p2), for
 // channels [c0, c1): the per-channel gradient sums of block or chunk partials, the same
@@ -283,11 +292,10 @@ void group_moments(const BatchNormLayout& L, const T* x, int64_t c0, int64_t W, 
   }
   const int64_t C = L.C;
   const RowChunks rc(C, L.per_channel());
-  auto pmean = partials<double>(rc.count * W), pm2 = partials<double>(rc.count * W);
-  std::vector<cpu::acc_t<T>> scratch(2 * W);
+  auto pmean = partials<cpu::acc_t<T>>(rc.count * W), pm2 = partials<cpu::acc_t<T>>(rc.count * W);
   for (int64_t q = 0; q < rc.count; ++q)
-    k.rows_stats(x + rc.first(q) * C + c0, rc.length(q), W, C, &pmean[q * W], &pm2[q * W], scratch.data());
-  merge_columns(rc.count, [&](int64_t q) { return rc.values(q); }, pmean.get(), pm2.get(), W, W, mean + c0, m2 + c0);
+    k.rows_stats(x + rc.first(q) * C + c0, rc.length(q), W, C, x + c0, &pmean[q * W], &pm2[q * W]);
+  rc.merge(pmean.get(), pm2.get(), W, W, x + c0, mean + c0, m2 + c0);
 }
 
 // y = (x - mean) * scale + shift for channels [c0, c0 + W); the vectors are indexed by channel.
@@ -389,13 +397,12 @@ void channel_moments(const BatchNormLayout& L, const T* x, double* mean, double*
     return;
   }
   const RowChunks rc(C, L.per_channel());
-  auto pmean = partials<double>(rc.count * C), pm2 = partials<double>(rc.count * C);
+  auto pmean = partials<cpu::acc_t<T>>(rc.count * C), pm2 = partials<cpu::acc_t<T>>(rc.count * C);
   at::parallel_for(0, rc.count, grain(rc.count, L.x.numel()), [&](int64_t q0, int64_t q1) {
-    std::vector<cpu::acc_t<T>> scratch(2 * C);
     for (int64_t q = q0; q < q1; ++q)
-      k.rows_stats(x + rc.first(q) * C, rc.length(q), C, C, &pmean[q * C], &pm2[q * C], scratch.data());
+      k.rows_stats(x + rc.first(q) * C, rc.length(q), C, C, x, &pmean[q * C], &pm2[q * C]);
   });
-  merge_columns(rc.count, [&](int64_t q) { return rc.values(q); }, pmean.get(), pm2.get(), C, C, mean, m2);
+  rc.merge(pmean.get(), pm2.get(), C, C, x, mean, m2);
 }
 
 // Walks the layout, the threads sharing it: f(offset, runs, length, stride, channel) for planar
@@ -424,7 +431,10 @@ std::vector<double> read_channels(const OptTensor& t, int64_t C, double fill) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t->scalar_type(), "fastbn_read_channels", [&] {
     const scalar_t* p = t->const_data_ptr<scalar_t>();
     const int64_t st = t->stride(0);
-    for (int64_t c = 0; c < C; ++c) v[c] = double(p[c * st]);
+    if (st == 1)  // the usual case, as its own loop: it vectorises
+      for (int64_t c = 0; c < C; ++c) v[c] = double(p[c]);
+    else
+      for (int64_t c = 0; c < C; ++c) v[c] = double(p[c * st]);
   });
   return v;
 }
@@ -432,8 +442,11 @@ std::vector<double> read_channels(const OptTensor& t, int64_t C, double fill) {
 void write_channels(const Tensor& t, const std::vector<double>& v) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "fastbn_write_channels", [&] {
     scalar_t* p = t.data_ptr<scalar_t>();
-    const int64_t st = t.stride(0);
-    for (size_t c = 0; c < v.size(); ++c) p[c * st] = scalar_t(v[c]);
+    const int64_t st = t.stride(0), C = int64_t(v.size());
+    if (st == 1)
+      for (int64_t c = 0; c < C; ++c) p[c] = scalar_t(v[c]);
+    else
+      for (int64_t c = 0; c < C; ++c) p[c * st] = scalar_t(v[c]);
   });
 }
 
@@ -528,17 +541,15 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_cpu(const Tensor& input, const Opt
     const auto& k = cpu::kernels_for<T>();
     if (training && rows_in_phases(L)) {  // chunk moments | merge, constants | normalise the chunks
       const RowChunks rc(C, M);
-      auto pmean = partials<double>(rc.count * C), pm2 = partials<double>(rc.count * C);
+      auto pmean = partials<A>(rc.count * C), pm2 = partials<A>(rc.count * C);
       three_phases(
           rc.count, C, L.x.numel(),
           [&](int64_t q0, int64_t q1) {
-            std::vector<A> scratch(2 * C);
             for (int64_t q = q0; q < q1; ++q)
-              k.rows_stats(x + rc.first(q) * C, rc.length(q), C, C, &pmean[q * C], &pm2[q * C], scratch.data());
+              k.rows_stats(x + rc.first(q) * C, rc.length(q), C, C, x, &pmean[q * C], &pm2[q * C]);
           },
           [&](int64_t c0, int64_t c1) {
-            merge_columns(rc.count, [&](int64_t q) { return rc.values(q); }, &pmean[c0], &pm2[c0], c1 - c0, C,
-                          &mean[c0], &m2[c0]);
+            rc.merge(&pmean[c0], &pm2[c0], c1 - c0, C, x + c0, &mean[c0], &m2[c0]);
             constants(c0, c1);
           },
           [&](int64_t q0, int64_t q1) {

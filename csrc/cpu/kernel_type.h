@@ -19,5 +19,15 @@ struct KernelTypeOf<c10::BFloat16> {
 template <typename scalar_t>
 using kernel_type = typename KernelTypeOf<scalar_t>::type;
 
+// An element of the loops' type as a double (outside the loops: this header is not compiled
+// per ISA).
+template <typename T>
+double to_double(T v) {
+  return double(v);
+}
+inline double to_double(bf16 v) {
+  return double(float(c10::BFloat16(v.bits, c10::BFloat16::from_bits())));
+}
+
 }  // namespace cpu
 }  // namespace fastbn

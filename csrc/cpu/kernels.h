@@ -45,8 +45,8 @@ struct Kernels {
                            A b, A c);
 
   // --- BatchNorm, channels innermost: `rows` rows of C channels, `stride` apart ----------------
-  // per-channel mean/m2 of the block; scratch holds 2*C values
-  void (*rows_stats)(const T* x, int64_t rows, int64_t C, int64_t stride, double* mean, double* m2, A* scratch);
+  // per-channel mean (as its deviation from the row `base`) and m2 of the block, written
+  void (*rows_stats)(const T* x, int64_t rows, int64_t C, int64_t stride, const T* base, A* dmean, A* m2);
   void (*rows_normalize)(const T* x, T* y, int64_t rows, int64_t C, int64_t stride, const A* mean,
                          const A* scale, const A* shift);
   // per-channel sums of the block, written (not accumulated) to sdy/sdyxmu
