@@ -1,7 +1,18 @@
 """What users call: the signatures and semantics of torch.nn.functional, on fastbn's kernels."""
 import torch
 
-from fastbn.ops import BatchNormFunction, LinearLeakyReLUFunction
+from fastbn.ops import BatchNormFunction, LinearLeakyReLUFunction, batch_norm_op, linear_leaky_relu_forward
+
+
+def _records_graph(input, weight, bias):
+    # Without a graph to record (inference, no_grad) the ops are called directly: an
+    # autograd.Function would build a node that nothing uses, which costs more than the op at
+    # small sizes.
+    return torch.is_grad_enabled() and (_requires_grad(input) or _requires_grad(weight) or _requires_grad(bias))
+
+
+def _requires_grad(t):
+    return isinstance(t, torch.Tensor) and t.requires_grad
 
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
@@ -14,9 +25,10 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     """
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"batch_norm: expected input to be a Tensor, got {type(input).__name__}")
-    return BatchNormFunction.apply(
-        input, weight, bias, running_mean, running_var, bool(training), float(momentum), float(eps)
-    )
+    args = (input, weight, bias, running_mean, running_var, bool(training), float(momentum), float(eps))
+    if _records_graph(input, weight, bias):
+        return BatchNormFunction.apply(*args)
+    return batch_norm_op(*args)[0]
 
 
 def linear_leaky_relu(input, weight, bias=None, negative_slope=0.01):
@@ -32,4 +44,6 @@ def linear_leaky_relu(input, weight, bias=None, negative_slope=0.01):
         dtype = torch.get_autocast_dtype(device_type)
         input, weight = input.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
-    return LinearLeakyReLUFunction.apply(input, weight, bias, float(negative_slope))
+    if _records_graph(input, weight, bias):
+        return LinearLeakyReLUFunction.apply(input, weight, bias, float(negative_slope))
+    return linear_leaky_relu_forward(input, weight, bias, float(negative_slope))[0]

@@ -6,6 +6,7 @@ import torch
 from fastbn import _C  # noqa: F401  (loads the schemas)
 
 _ops = torch.ops.fastbn
+batch_norm_op = _ops.batch_norm.default  # (out, mean, invstd); running stats updated in training
 
 
 def _acc_dtype(dtype):
@@ -103,18 +104,22 @@ class BatchNormFunction(torch.autograd.Function):
                 None, None, None, None, None)
 
 
+def linear_leaky_relu_forward(input, weight, bias, negative_slope):
+    """(out, what the backward keeps): the output itself for slope >= 0, else the pre-activation."""
+    if negative_slope >= 0:
+        out = _ops.linear_leaky_relu(input, weight, bias, negative_slope)
+        return out, out
+    pre = _ops.linear_leaky_relu(input, weight, bias, 1.0)  # identity: the pre-activation
+    return torch.nn.functional.leaky_relu(pre, negative_slope), pre
+
+
 class LinearLeakyReLUFunction(torch.autograd.Function):
     """y = leaky_relu(x @ W.T + b). For slope >= 0 the output's sign is the pre-activation's,
     so the output is all the backward keeps; a negative slope keeps the pre-activation."""
 
     @staticmethod
     def forward(ctx, input, weight, bias, negative_slope):
-        if negative_slope >= 0:
-            out = _ops.linear_leaky_relu(input, weight, bias, negative_slope)
-            saved = out
-        else:
-            saved = _ops.linear_leaky_relu(input, weight, bias, 1.0)  # identity: the pre-activation
-            out = torch.nn.functional.leaky_relu(saved, negative_slope)
+        out, saved = linear_leaky_relu_forward(input, weight, bias, negative_slope)
         ctx.save_for_backward(input, weight, saved)
         ctx.negative_slope = negative_slope
         return out

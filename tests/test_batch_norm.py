@@ -130,6 +130,22 @@ def test_module_matches_torch_over_steps(device, momentum, affine, track, channe
         torch.testing.assert_close(va, vb, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("training", [True, False])
+def test_no_grad_path_matches_autograd_path(device, training):
+    # Without a graph to record, functional.batch_norm calls the op directly (no autograd node):
+    # the output and the running stats must be those of the autograd path, to the bit.
+    x, w, b, rm, rv = make_case((16, 5, 3, 3), torch.float32, device)
+    rm2, rv2 = rm.clone(), rv.clone()
+    with torch.no_grad():
+        y_plain = F.batch_norm(x, rm, rv, w, b, training=training, momentum=0.3)
+    assert y_plain.grad_fn is None
+    y_graph = F.batch_norm(x, rm2, rv2, leaf(w), leaf(b), training=training, momentum=0.3)
+    assert y_graph.grad_fn is not None
+    assert torch.equal(y_plain, y_graph.detach())
+    assert torch.equal(rm, rm2) and torch.equal(rv, rv2)
+
+
 def test_batchnorm1d_on_3d_input_and_state_dict_both_ways():
     ref = torch.nn.BatchNorm1d(7)
     ref(torch.randn(4, 7, 5))  # some running stats

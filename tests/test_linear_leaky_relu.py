@@ -92,6 +92,20 @@ def test_skips_unrequested_gradients(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("slope", [0.02, -0.5])
+def test_no_grad_path_matches_autograd_path(device, slope):
+    # Without a graph to record the op is called directly (no autograd node): same output.
+    x = torch.randn(9, 5, device=device)
+    w, b = torch.randn(4, 5, device=device), torch.randn(4, device=device)
+    with torch.no_grad():
+        y_plain = F.linear_leaky_relu(x, w.requires_grad_(), b, slope)
+    assert y_plain.grad_fn is None
+    y_graph = F.linear_leaky_relu(x, w, b, slope)
+    assert y_graph.grad_fn is not None
+    assert torch.equal(y_plain, y_graph.detach())
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device):
     for dtype in (torch.float32, torch.float64):
         x = torch.randn(7, 6, device=device, dtype=dtype)
