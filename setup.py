@@ -70,8 +70,9 @@ def main():
     if with_cuda:
         macros.append(("FASTBN_WITH_CUDA", "1"))
 
-    # -fopenmp: without it at::parallel_for runs on one thread.
-    cxx = opt + ["-fopenmp"]  # the C++ standard is the one torch asks for
+    # -fopenmp: without it at::parallel_for runs on one thread. -fno-math-errno: std::sqrt need
+    # not set errno, so that per-channel loops with a square root vectorise.
+    cxx = opt + ["-fopenmp", "-fno-math-errno"]  # the C++ standard is the one torch asks for
     nvcc = opt[:1] + ["--expt-relaxed-constexpr", "-lineinfo"]
     Ext = CUDAExtension if with_cuda else CppExtension
     ext = Ext(

@@ -471,6 +471,24 @@ void grad_input_constants(const std::vector<double>& w, const std::vector<double
   }
 }
 
+// The forward's constants of channels [c0, c1): in training var = m2 / M; invstd; and those of
+// y = (x - m) * scale + shift: m = mean, scale = weight * invstd, shift = bias. Restrict
+// parameters (and -fno-math-errno, setup.py) let the loop vectorise, square root included.
+template <typename A>
+void forward_constants(int64_t c0, int64_t c1, bool training, int64_t M, double eps, const double* __restrict mean,
+                       const double* __restrict m2, const double* __restrict w, const double* __restrict b,
+                       double* __restrict var, double* __restrict invstd, A* __restrict m, A* __restrict scale,
+                       A* __restrict shift) {
+  if (training)
+    for (int64_t c = c0; c < c1; ++c) var[c] = m2[c] / double(M);
+  for (int64_t c = c0; c < c1; ++c) {
+    invstd[c] = 1.0 / std::sqrt(var[c] + eps);
+    m[c] = A(mean[c]);
+    scale[c] = A(w[c] * invstd[c]);
+    shift[c] = A(b[c]);
+  }
+}
+
 Tensor empty_like_layout(const BatchNormLayout& L) {
   return cpu::empty_output(L.x.sizes(), L.x.scalar_type(), L.format);
 }
@@ -504,26 +522,9 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_cpu(const Tensor& input, const Opt
     const T* x = reinterpret_cast<const T*>(L.x.const_data_ptr<scalar_t>());
     T* y = reinterpret_cast<T*>(out.data_ptr<scalar_t>());
     std::vector<A> m(C), scale(C), shift(C);
-    auto constants = [&](int64_t c0, int64_t c1) {  // per-channel: invstd, then y = (x - m) * scale + shift
-      // restrict pointers: the loop then vectorises (through the captured vectors it reloads
-      // every pointer after each store, and a scalar sqrt and division per channel show at C = 1000)
-      double* __restrict vr = var.data();
-      double* __restrict is = invstd.data();
-      const double* __restrict mn = mean.data();
-      const double* __restrict q = m2.data();
-      const double* __restrict wt = w.data();
-      const double* __restrict bs = b.data();
-      A* __restrict mc = m.data();
-      A* __restrict sc = scale.data();
-      A* __restrict sh = shift.data();
-      if (training)
-        for (int64_t c = c0; c < c1; ++c) vr[c] = q[c] / double(M);
-      for (int64_t c = c0; c < c1; ++c) {
-        is[c] = 1.0 / std::sqrt(vr[c] + eps);
-        mc[c] = A(mn[c]);
-        sc[c] = A(wt[c] * is[c]);
-        sh[c] = A(bs[c]);
-      }
+    auto constants = [&](int64_t c0, int64_t c1) {
+      forward_constants(c0, c1, training, M, eps, mean.data(), m2.data(), w.data(), b.data(), var.data(),
+                        invstd.data(), m.data(), scale.data(), shift.data());
     };
     const ChannelGroups groups(L, sizeof(T));
     if (training && groups.usable) {  // one region: statistics, then normalise from cache
