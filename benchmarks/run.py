@@ -153,6 +153,10 @@ def run(args, res):
     rows, sweep = [], []
     res.update(rows=rows, sweep=sweep, copy_bw=copy_bw, mm_rate=mm_rate, device=device, threads=threads)
     only = set(args.dtypes.split(",")) if args.dtypes else None
+    cases = args.cases.split(",") if args.cases else None
+
+    def wanted(case):
+        return cases is None or any(c in case for c in cases)
     # On CUDA every float32 case is also timed as a CUDA graph replay: the GPU's time alone.
     graphs = device.type == "cuda" and not quick
 
@@ -188,7 +192,7 @@ def run(args, res):
     # BatchNorm at the models' shapes
     bn_shapes = [(8, 16, 8, 8), (16, 32)] if quick else [(128, 64, 32, 32), (32, 256, 8, 8), (32, 64, 32, 32),
                                                            (32, 512, 2, 2), (200, 1000)]
-    for shape in bn_shapes:
+    for shape in (s for s in bn_shapes if wanted("x".join(map(str, s)))):
         for dtype in dtypes(device, quick, only):
             for cl in ((False, True) if len(shape) == 4 else (False,)):
                 for mode in ("fwd", "fwd+bwd", "eval"):
@@ -210,6 +214,8 @@ def run(args, res):
         hw = max(1, numel // (32 * 64))
         side = int(hw ** 0.5)
         shape = (max(1, numel // (64 * side * side)), 64, side, side)
+        if not wanted("x".join(map(str, shape))):
+            continue
         fns, nbytes, _, _ = bn_case(shape, torch.float32, device, False, "fwd+bwd")
         t = time_interleaved(fns, threads, rounds, mrt)
         sweep.append((nbytes / 5, t, nbytes))  # input bytes
@@ -220,7 +226,7 @@ def run(args, res):
     # Linear + LeakyReLU
     lin_shapes = [(16, 64, 32)] if quick else [(200, 3072, 100), (200, 100, 10), (200, 3072, 1000),
                                                (200, 1000, 500), (1024, 1024, 1024), (4096, 4096, 1024)]
-    for n_rows, n_in, n_out in lin_shapes:
+    for n_rows, n_in, n_out in (s for s in lin_shapes if wanted(f"{s[0]}x{s[1]}->{s[2]}")):
         for dtype in dtypes(device, quick, only):
             if dtype == torch.float16 and device.type == "cpu":
                 continue
@@ -240,6 +246,8 @@ def run(args, res):
     # training steps, end to end
     if not quick:
         for model_name, amp in (("mlp", False), ("mlp-tuned", False), ("convnet", False), ("convnet", True)):
+            if not wanted(model_name + (" bf16" if amp else "")):
+                continue
             t = time_interleaved(train_step_case(model_name, device, amp), threads, 3, 1.0)
             add("train step", model_name + (" bf16" if amp else ""), "step", torch.float32, "-", t, 0, "-")
 
@@ -248,7 +256,7 @@ def write_results(res, args):
     device = res["device"]
     today = datetime.date.today().isoformat()
     tag = "cuda-" + torch.cuda.get_device_name(device).replace(" ", "-") if device.type == "cuda" else "cpu"
-    stem = f"{tag}-{today}{'-quick' if args.quick else ''}"
+    stem = f"{tag}-{today}{'-quick' if args.quick else ''}{'-cases' if args.cases else ''}"
     out = Path(args.out) if args.out else RESULTS
     out.mkdir(parents=True, exist_ok=True)
     info = fastbn.build_info()
@@ -279,9 +287,10 @@ def write_results(res, args):
         head.append(f"| {r['group']} | {r['case']} | {r['mode']} | {r['dtype']} | {r['layout']} | {r['fastbn_ms']:.3f} | "
                     f"{r['torch_ms']:.3f} | **{r['ratio']:.2f}x** | {comp} | {r['achieved']} | {r['roof']} |")
     md = out / f"{stem}.md"
-    head += ["", f"![size sweep]({stem}-sweep.png)", ""]
-    md.write_text("\n".join(head))
-    plot_sweep(res, out / f"{stem}-sweep.png", device_name(device))
+    if res["sweep"]:
+        head += ["", f"![size sweep]({stem}-sweep.png)"]
+        plot_sweep(res, out / f"{stem}-sweep.png", device_name(device))
+    md.write_text("\n".join(head + [""]))
     print(f"wrote {md}")
     return md
 
@@ -321,6 +330,9 @@ def main(argv=None):
     p.add_argument("--min-run-time", type=float, default=0.2, help="seconds per torch.utils.benchmark measurement")
     p.add_argument("--dtypes", default=None, help="only these dtypes, comma-separated (e.g. float32,bfloat16)")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    p.add_argument("--cases", default=None,
+                   help="only the cases whose name contains one of these, comma-separated (e.g. 200x1000,mlp); "
+                        "the results file is then named ...-cases.md")
     args = p.parse_args(argv)
     if args.quick:
         args.compile = 0

@@ -33,3 +33,11 @@ def test_interrupted_run_still_writes_its_rows(tmp_path, monkeypatch):
     monkeypatch.setattr(run, "run", run_then_stop)
     text = run.main(["--quick", "--out", str(tmp_path)]).read_text()
     assert "**interrupted**" in text and "| BatchNorm |" in text
+
+
+def test_cases_filter_runs_only_those_cases(tmp_path):
+    md = run.main(["--quick", "--cases", "16x32", "--out", str(tmp_path)])
+    assert md.name.endswith("-cases.md")
+    rows = [line for line in md.read_text().splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert rows and all("| 16x32 |" in line for line in rows)
+    assert not list(tmp_path.glob("*-sweep.png"))  # no sweep case matched: no plot
