@@ -98,9 +98,10 @@ void merge_columns(int64_t K, CountFn count, const P* pmean, const P* pm2, int64
 
 // The chunks of rows of the rows layout (M rows of C columns): a cache block of all C columns,
 // but at least 4 chunks so that up to 4 threads share small inputs evenly (more chunks cost more
-// partials to merge across cores: BatchNorm1d 200x1000 forward, 8 -> 4, 79 -> 69 us). The same chunks whether
-// a task owns a column slice or a range of chunks, and from the shape alone, so that the partial
-// statistics -- and so the results, to the bit -- do not depend on the thread count or the path.
+// partials to merge across cores: BatchNorm1d 200x1000 forward, 8 -> 4, 79 -> 69 us). The same
+// chunks whether a task owns a column slice or a range of chunks, and from the shape alone, so
+// that the partial statistics -- and so the results, to the bit -- do not depend on the thread
+// count or the path.
 constexpr int64_t kMinRowChunks = 4;
 struct RowChunks {
   int64_t M, rows, count;  // rows per chunk, chunks
@@ -113,13 +114,20 @@ struct RowChunks {
   int64_t length(int64_t q) const { return std::min(rows, M - q * rows); }     // its rows
   double values(int64_t q) const { return double(length(q)); }                 // per column
 
-  // (mean, m2) of W columns from the chunks' partials, the K partials of column c at
-  // [q * stride + c]; rows_stats gives each mean as its deviation from `base`, the input's first row
-  template <typename P, typename T>
-  void merge(const P* pmean, const P* pm2, int64_t W, int64_t stride, const T* base, double* mean,
+  // Partial statistics of chunk q, columns [c0, c0 + W) of x (rows of C values), at [q * W]:
+  // means as deviations from the input's first row, which merge adds back.
+  template <typename T, typename P>
+  void stats(const cpu::Kernels<T>& k, const T* x, int64_t C, int64_t c0, int64_t W, int64_t q, P* pmean,
+             P* pm2) const {
+    k.rows_stats(x + first(q) * C + c0, length(q), W, C, x + c0, &pmean[q * W], &pm2[q * W]);
+  }
+  // (mean, m2) of columns [c0, c0 + W) from the chunks' partials, chunk q's at [q * stride]
+  // (stride: the W that stats was given)
+  template <typename T, typename P>
+  void merge(const T* x, int64_t c0, int64_t W, const P* pmean, const P* pm2, int64_t stride, double* mean,
              double* m2) const {
     merge_columns(count, [&](int64_t q) { return values(q); }, pmean, pm2, W, stride, mean, m2);
-    for (int64_t c = 0; c < W; ++c) mean[c] += cpu::to_double(base[c]);
+    for (int64_t c = 0; c < W; ++c) mean[c] += cpu::to_double(x[c0 + c]);
   }
 };
 
@@ -149,8 +157,9 @@ bool parallel_over_channels(const BatchNormLayout& L) {
 // Planes shorter than kMinRun values (2x2 to 5x5 maps) are walked as rows: the input (N, C, S)
 // is also (N, C * S), a column per (channel, position), where the row loops run at full vector
 // width across channels instead of a few values at a time (a 5x5 plane is one vector and a
-// 9-value tail: 40x64x5x5 forward 79 -> 40-46 us, backward 65 -> 49-54 us as rows). Statistics and sums are then merged over
-// each channel's S columns (in column order), and the elementwise passes use per-column constants.
+// 9-value tail: 40x64x5x5 forward 79 -> 40-46 us, backward 65 -> 49-54 us as rows). Statistics
+// and sums are then merged over each channel's S columns (in column order), and the elementwise
+// passes use per-column constants.
 bool short_planes(const BatchNormLayout& L) { return L.planar && L.S < kMinRun; }
 BatchNormLayout as_rows(const BatchNormLayout& L) { return {L.x, false, L.format, L.N, L.C * L.S, 1}; }
 
@@ -295,9 +304,8 @@ void group_moments(const BatchNormLayout& L, const T* x, int64_t c0, int64_t W, 
   const int64_t C = L.C;
   const RowChunks rc(C, L.per_channel());
   auto pmean = partials<cpu::acc_t<T>>(rc.count * W), pm2 = partials<cpu::acc_t<T>>(rc.count * W);
-  for (int64_t q = 0; q < rc.count; ++q)
-    k.rows_stats(x + rc.first(q) * C + c0, rc.length(q), W, C, x + c0, &pmean[q * W], &pm2[q * W]);
-  rc.merge(pmean.get(), pm2.get(), W, W, x + c0, mean + c0, m2 + c0);
+  for (int64_t q = 0; q < rc.count; ++q) rc.stats(k, x, C, c0, W, q, pmean.get(), pm2.get());
+  rc.merge(x, c0, W, pmean.get(), pm2.get(), W, mean + c0, m2 + c0);
 }
 
 // y = (x - mean) * scale + shift for channels [c0, c0 + W); the vectors are indexed by channel.
@@ -401,10 +409,9 @@ void channel_moments(const BatchNormLayout& L, const T* x, double* mean, double*
   const RowChunks rc(C, L.per_channel());
   auto pmean = partials<cpu::acc_t<T>>(rc.count * C), pm2 = partials<cpu::acc_t<T>>(rc.count * C);
   at::parallel_for(0, rc.count, grain(rc.count, L.x.numel()), [&](int64_t q0, int64_t q1) {
-    for (int64_t q = q0; q < q1; ++q)
-      k.rows_stats(x + rc.first(q) * C, rc.length(q), C, C, x, &pmean[q * C], &pm2[q * C]);
+    for (int64_t q = q0; q < q1; ++q) rc.stats(k, x, C, 0, C, q, pmean.get(), pm2.get());
   });
-  rc.merge(pmean.get(), pm2.get(), C, C, x, mean, m2);
+  rc.merge(x, 0, C, pmean.get(), pm2.get(), C, mean, m2);
 }
 
 // Walks the layout, the threads sharing it: f(offset, runs, length, stride, channel) for planar
@@ -548,11 +555,10 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_cpu(const Tensor& input, const Opt
       three_phases(
           rc.count, C, L.x.numel(),
           [&](int64_t q0, int64_t q1) {
-            for (int64_t q = q0; q < q1; ++q)
-              k.rows_stats(x + rc.first(q) * C, rc.length(q), C, C, x, &pmean[q * C], &pm2[q * C]);
+            for (int64_t q = q0; q < q1; ++q) rc.stats(k, x, C, 0, C, q, pmean.get(), pm2.get());
           },
           [&](int64_t c0, int64_t c1) {
-            rc.merge(&pmean[c0], &pm2[c0], c1 - c0, C, x + c0, &mean[c0], &m2[c0]);
+            rc.merge(x, c0, c1 - c0, &pmean[c0], &pm2[c0], C, &mean[c0], &m2[c0]);
             constants(c0, c1);
           },
           [&](int64_t q0, int64_t q1) {

@@ -74,8 +74,7 @@ class BatchNormFunction(torch.autograd.Function):
     # arguments with inspect.signature, which costs more than the op at MLP sizes.
     @staticmethod
     def forward(ctx, input, weight, bias, running_mean, running_var, training, momentum, eps):
-        out, mean, invstd = _ops.batch_norm(input, weight, bias, running_mean, running_var, training,
-                                            momentum, eps)
+        out, mean, invstd = batch_norm_op(input, weight, bias, running_mean, running_var, training, momentum, eps)
         # mean and invstd are saved, not returned: fewer outputs for autograd to wrap per call
         ctx.save_for_backward(input, weight, mean, invstd)
         ctx.training = training
