@@ -233,7 +233,13 @@ struct ColumnSlices {
 template <typename F1, typename F2, typename F3>
 void three_phases(int64_t tasks, int64_t C, int64_t numel, F1&& phase1, F2&& phase2, F3&& phase3) {
   const bool threaded = numel >= kGrainValues && at::get_num_threads() > 1 && !at::in_parallel_region();
-#pragma omp parallel if (threaded)
+  if (!threaded) {  // not `omp parallel if (false)`: that still ends in a futex wake, a syscall per call
+    if (tasks > 0) phase1(int64_t(0), tasks);
+    if (C > 0) phase2(int64_t(0), C);
+    if (tasks > 0) phase3(int64_t(0), tasks);
+    return;
+  }
+#pragma omp parallel
   {
     const int64_t T = omp_get_num_threads(), t = omp_get_thread_num();
     const int64_t q0 = tasks * t / T, q1 = tasks * (t + 1) / T;
