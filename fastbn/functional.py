@@ -15,6 +15,15 @@ def _requires_grad(t):
     return isinstance(t, torch.Tensor) and t.requires_grad
 
 
+def _as_float(op, name, value):
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        hint = (" (momentum=None, the cumulative moving average, is an option of the modules: "
+                "fastbn.nn.BatchNorm1d/2d(momentum=None))" if name == "momentum" and value is None else "")
+        raise TypeError(f"{op}: expected {name} to be a float, got {type(value).__name__}{hint}") from None
+
+
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
                momentum=0.1, eps=1e-5):
     """Drop-in for torch.nn.functional.batch_norm.
@@ -25,7 +34,8 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     """
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"batch_norm: expected input to be a Tensor, got {type(input).__name__}")
-    args = (input, weight, bias, running_mean, running_var, bool(training), float(momentum), float(eps))
+    momentum, eps = _as_float("batch_norm", "momentum", momentum), _as_float("batch_norm", "eps", eps)
+    args = (input, weight, bias, running_mean, running_var, bool(training), momentum, eps)
     if _records_graph(input, weight, bias):
         return BatchNormFunction.apply(*args)
     return batch_norm_op(*args)[0]
@@ -39,11 +49,12 @@ def linear_leaky_relu(input, weight, bias=None, negative_slope=0.01):
     """
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"linear_leaky_relu: expected input to be a Tensor, got {type(input).__name__}")
+    negative_slope = _as_float("linear_leaky_relu", "negative_slope", negative_slope)
     device_type = input.device.type
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
         input, weight = input.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
     if _records_graph(input, weight, bias):
-        return LinearLeakyReLUFunction.apply(input, weight, bias, float(negative_slope))
-    return linear_leaky_relu_forward(input, weight, bias, float(negative_slope))[0]
+        return LinearLeakyReLUFunction.apply(input, weight, bias, negative_slope)
+    return linear_leaky_relu_forward(input, weight, bias, negative_slope)[0]

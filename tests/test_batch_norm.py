@@ -343,6 +343,13 @@ def test_bad_input_raises_clear_error(make_args, match):
         F.batch_norm(x, rm, rv, w, b, training=training)
 
 
+@pytest.mark.parametrize("kw,match", [(dict(momentum=None), "momentum to be a float, got NoneType.*momentum=None"),
+                                      (dict(eps="small"), "eps to be a float, got str")])
+def test_functional_rejects_non_float_momentum_and_eps(kw, match):
+    with pytest.raises(TypeError, match=match):
+        F.batch_norm(torch.randn(4, 3), torch.zeros(3), torch.ones(3), training=True, **kw)
+
+
 def test_module_rejects_wrong_ndim_like_torch():
     with pytest.raises(ValueError, match="expected 4D input"):
         fastbn.nn.BatchNorm2d(3)(torch.randn(2, 3, 4))

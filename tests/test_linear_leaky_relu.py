@@ -170,6 +170,11 @@ def test_bad_input_raises_clear_error(make, match):
         F.linear_leaky_relu(x, w, b)
 
 
+def test_non_float_slope_raises_clear_error():
+    with pytest.raises(TypeError, match="linear_leaky_relu: expected negative_slope to be a float, got NoneType"):
+        F.linear_leaky_relu(torch.randn(4, 5), torch.randn(3, 5), None, negative_slope=None)
+
+
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 def test_wrong_device():
     with pytest.raises(RuntimeError, match="same device"):
