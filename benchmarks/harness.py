@@ -35,14 +35,26 @@ def linear_flops(rows, in_features, out_features, backward, input_grad=True):
 # ---- measurement -------------------------------------------------------------------------------
 
 
-def time_interleaved(fns, threads, rounds=5, min_run_time=0.2):
-    """{name: median seconds} for callables timed alternately in `rounds` rounds."""
+def time_rounds(fns, threads, rounds=5, min_run_time=0.2):
+    """{name: [seconds in each round]} for callables timed alternately in `rounds` rounds."""
     per = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
             t = benchmark.Timer("fn()", globals={"fn": fn}, num_threads=threads)
             per[name].append(t.blocked_autorange(min_run_time=min_run_time).median)
-    return {name: statistics.median(v) for name, v in per.items()}
+    return per
+
+
+def time_interleaved(fns, threads, rounds=5, min_run_time=0.2):
+    """{name: median seconds over rounds} for callables timed alternately."""
+    return {name: statistics.median(v) for name, v in time_rounds(fns, threads, rounds, min_run_time).items()}
+
+
+def ratio_range(per_round, num="torch", den="fastbn"):
+    """(lowest, highest) of num/den over the rounds: both sides of a round are timed back to back,
+    so the spread shows how much the machine moved during the comparison."""
+    ratios = [a / b for a, b in zip(per_round[num], per_round[den])]
+    return min(ratios), max(ratios)
 
 
 def copy_bandwidth(device, threads, nbytes=256 << 20, rounds=3):

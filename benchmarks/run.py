@@ -11,6 +11,7 @@ import datetime
 import os
 import platform
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 
 import fastbn
 from benchmarks.harness import (batch_norm_bytes, copy_bandwidth, cuda_graphed, linear_flops, matmul_rate,
-                                time_interleaved)
+                                ratio_range, time_interleaved, time_rounds)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -162,13 +163,15 @@ def run(args, res):
 
     def graph_times(fns):
         try:
-            return time_interleaved({name: cuda_graphed(fn) for name, fn in fns.items()}, threads, rounds, mrt)
+            return time_rounds({name: cuda_graphed(fn) for name, fn in fns.items()}, threads, rounds, mrt)
         except Exception as e:  # a side that cannot be captured: report it, keep the eager row
             print(f"  (CUDA graph capture failed: {type(e).__name__}: {str(e)[:200]})", flush=True)
             return None
 
-    def add(group, case, mode, dtype, layout, t, work, unit, compiled=None):
+    def add(group, case, mode, dtype, layout, per_round, work, unit, compiled=None):
+        t = {name: statistics.median(v) for name, v in per_round.items()}
         ratio = t["torch"] / t["fastbn"]
+        lo, hi = ratio_range(per_round)
         if unit == "GB/s":
             achieved = work / t["fastbn"] / 1e9
             roof = f"{100 * work / t['fastbn'] / copy_bw:.0f}% of copy"
@@ -176,11 +179,11 @@ def run(args, res):
             achieved = work / t["fastbn"] / 1e9
             roof = f"{100 * work / t['fastbn'] / mm_rate:.0f}% of matmul"
         rows.append(dict(group=group, case=case, mode=mode, dtype=str(dtype).replace("torch.", ""), layout=layout,
-                         fastbn_ms=1e3 * t["fastbn"], torch_ms=1e3 * t["torch"], ratio=ratio,
+                         fastbn_ms=1e3 * t["fastbn"], torch_ms=1e3 * t["torch"], ratio=ratio, ratio_lo=lo, ratio_hi=hi,
                          compiled_ms=None if compiled is None else 1e3 * compiled,
                          achieved=f"{achieved:.1f} {unit}" if work else "-", roof=roof if work else "-"))
         print(f"{group:12s} {case:22s} {mode:8s} {rows[-1]['dtype']:9s} {layout:14s} fastbn {1e3 * t['fastbn']:9.3f} ms"
-              f"  torch {1e3 * t['torch']:9.3f} ms  x{ratio:5.2f}  {rows[-1]['achieved']}", flush=True)
+              f"  torch {1e3 * t['torch']:9.3f} ms  x{ratio:5.2f} ({lo:.2f}-{hi:.2f})  {rows[-1]['achieved']}", flush=True)
 
     def compiled_time(ref, make):
         compiled = torch.compile(ref)
@@ -199,7 +202,7 @@ def run(args, res):
                     if dtype != torch.float32 and mode != "fwd+bwd":
                         continue  # other dtypes: the training step only
                     fns, nbytes, ref, make = bn_case(shape, dtype, device, cl, mode)
-                    t = time_interleaved(fns, threads, rounds, mrt)
+                    t = time_rounds(fns, threads, rounds, mrt)
                     comp = None
                     if args.compile and dtype == torch.float32 and mode == "fwd+bwd" and shape in bn_shapes[:2]:
                         comp = compiled_time(ref, make)
@@ -217,8 +220,8 @@ def run(args, res):
         if not wanted("x".join(map(str, shape))):
             continue
         fns, nbytes, _, _ = bn_case(shape, torch.float32, device, False, "fwd+bwd")
-        t = time_interleaved(fns, threads, rounds, mrt)
-        sweep.append((nbytes / 5, t, nbytes))  # input bytes
+        t = time_rounds(fns, threads, rounds, mrt)
+        sweep.append((nbytes / 5, {name: statistics.median(v) for name, v in t.items()}, nbytes))  # input bytes
         add("BN sweep", "x".join(map(str, shape)), "fwd+bwd", torch.float32, "contiguous", t, nbytes, "GB/s")
         if graphs and (tg := graph_times(fns)):
             add("sweep (graph)", "x".join(map(str, shape)), "fwd+bwd", torch.float32, "contiguous", tg, nbytes, "GB/s")
@@ -234,7 +237,7 @@ def run(args, res):
                 if dtype != torch.float32 and not backward:
                     continue
                 fns, flops, ref, make = linear_case(n_rows, n_in, n_out, dtype, device, backward)
-                t = time_interleaved(fns, threads, rounds, mrt)
+                t = time_rounds(fns, threads, rounds, mrt)
                 comp = None
                 if args.compile and dtype == torch.float32 and backward and (n_rows, n_in, n_out) in lin_shapes[:3]:
                     comp = compiled_time(ref, make)
@@ -248,7 +251,7 @@ def run(args, res):
         for model_name, amp in (("mlp", False), ("mlp-tuned", False), ("convnet", False), ("convnet", True)):
             if not wanted(model_name + (" bf16" if amp else "")):
                 continue
-            t = time_interleaved(train_step_case(model_name, device, amp), threads, 3, 1.0)
+            t = time_rounds(train_step_case(model_name, device, amp), threads, 3, 1.0)
             add("train step", model_name + (" bf16" if amp else ""), "step", torch.float32, "-", t, 0, "-")
 
 
@@ -269,7 +272,9 @@ def write_results(res, args):
         f"- measured copy bandwidth {res['copy_bw'] / 1e9:.1f} GB/s (read + write), float32 matmul "
         f"{res['mm_rate'] / 1e9:.0f} GFLOP/s",
         "- times: torch.utils.benchmark medians, fastbn and torch interleaved, median of rounds; "
-        "ratio = torch / fastbn (> 1: fastbn faster); `compiled` = torch.compile of the builtin module",
+        "ratio = torch / fastbn (> 1: fastbn faster) of those medians; `ratio per round`: the lowest and highest "
+        "of the rounds' own ratios (each round times both sides back to back), i.e. how much the machine moved; "
+        "`compiled` = torch.compile of the builtin module",
     ]
     if any("(graph)" in r["group"] for r in res["rows"]):
         head.append("- `(graph)` rows (CUDA): the same calls captured in a CUDA graph and replayed, so the GPU's "
@@ -279,13 +284,19 @@ def write_results(res, args):
         head.append("- **interrupted**: the run stopped early (time limit); the rows below are those measured")
     head += [
         "",
-        "| group | case | mode | dtype | layout | fastbn ms | torch ms | ratio | torch.compile ms | fastbn achieved | of roofline |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| group | case | mode | dtype | layout | fastbn ms | torch ms | ratio | ratio per round | torch.compile ms | "
+        "fastbn achieved | of roofline |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in res["rows"]:
         comp = f"{r['compiled_ms']:.3f}" if r["compiled_ms"] is not None else "-"
         head.append(f"| {r['group']} | {r['case']} | {r['mode']} | {r['dtype']} | {r['layout']} | {r['fastbn_ms']:.3f} | "
-                    f"{r['torch_ms']:.3f} | **{r['ratio']:.2f}x** | {comp} | {r['achieved']} | {r['roof']} |")
+                    f"{r['torch_ms']:.3f} | **{r['ratio']:.2f}x** | {r['ratio_lo']:.2f}-{r['ratio_hi']:.2f}x | {comp} | "
+                    f"{r['achieved']} | {r['roof']} |")
+    base, n = stem, 1
+    while (out / f"{stem}.md").exists():  # a second run that day: keep the first one's files
+        n += 1
+        stem = f"{base}-run{n}"
     md = out / f"{stem}.md"
     if res["sweep"]:
         head += ["", f"![size sweep]({stem}-sweep.png)"]

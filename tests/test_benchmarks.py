@@ -1,5 +1,9 @@
 """The benchmark harness: its arithmetic, and a --quick run on tiny sizes (no timing assertions)."""
-from benchmarks.harness import batch_norm_bytes, linear_flops
+import argparse
+
+import torch
+
+from benchmarks.harness import batch_norm_bytes, linear_flops, ratio_range
 from benchmarks import run
 
 
@@ -16,10 +20,17 @@ def test_linear_flops():
     assert linear_flops(200, 3072, 100, backward=True, input_grad=False) == 2 * 2 * 200 * 3072 * 100
 
 
+def test_ratio_range_is_over_rounds():
+    assert ratio_range({"torch": [2.0, 3.0, 4.0], "fastbn": [1.0, 1.0, 4.0]}) == (1.0, 3.0)
+
+
 def test_quick_run_writes_table_and_plot(tmp_path):
     md = run.main(["--quick", "--out", str(tmp_path)])
     text = md.read_text()
     assert "| BatchNorm |" in text and "| Linear+LReLU |" in text and "commit:" in text and "torch " in text
+    row = next(line for line in text.splitlines() if line.startswith("| BatchNorm |"))
+    lo, hi = row.split(" | ")[8].rstrip("x").split("-")  # the `ratio per round` column
+    assert 0 < float(lo) <= float(hi)
     assert len(list(tmp_path.glob("*-sweep.png"))) == 1
 
 
@@ -41,3 +52,12 @@ def test_cases_filter_runs_only_those_cases(tmp_path):
     rows = [line for line in md.read_text().splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert rows and all("| 16x32 |" in line for line in rows)
     assert not list(tmp_path.glob("*-sweep.png"))  # no sweep case matched: no plot
+
+
+def test_a_second_run_the_same_day_keeps_the_first_runs_file(tmp_path):
+    res = dict(rows=[], sweep=[], copy_bw=1e9, mm_rate=1e9, device=torch.device("cpu"), threads=1)
+    args = argparse.Namespace(quick=True, cases=None, out=str(tmp_path))
+    first = run.write_results(res, args)
+    first.write_text("first run")
+    second = run.write_results(res, args)
+    assert second != first and second.name.endswith("-run2.md") and first.read_text() == "first run"
