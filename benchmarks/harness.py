@@ -50,11 +50,12 @@ def time_interleaved(fns, threads, rounds=5, min_run_time=0.2):
     return {name: statistics.median(v) for name, v in time_rounds(fns, threads, rounds, min_run_time).items()}
 
 
-def ratio_range(per_round, num="torch", den="fastbn"):
-    """(lowest, highest) of num/den over the rounds: both sides of a round are timed back to back,
-    so the spread shows how much the machine moved during the comparison."""
+def round_ratios(per_round, num="torch", den="fastbn"):
+    """(median, lowest, highest) of num/den over the rounds. Both sides of a round are timed back
+    to back, so each round's ratio is paired against the machine's drift between rounds, and the
+    spread shows how much it moved during the comparison."""
     ratios = [a / b for a, b in zip(per_round[num], per_round[den])]
-    return min(ratios), max(ratios)
+    return statistics.median(ratios), min(ratios), max(ratios)
 
 
 def copy_bandwidth(device, threads, nbytes=256 << 20, rounds=3):

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 import fastbn
 from benchmarks.harness import (batch_norm_bytes, copy_bandwidth, cuda_graphed, linear_flops, matmul_rate,
-                                ratio_range, time_interleaved, time_rounds)
+                                round_ratios, time_interleaved, time_rounds)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -171,7 +171,7 @@ def run(args, res):
     def add(group, case, mode, dtype, layout, per_round, work, unit, compiled=None):
         t = {name: statistics.median(v) for name, v in per_round.items()}
         ratio = t["torch"] / t["fastbn"]
-        lo, hi = ratio_range(per_round)
+        mid, lo, hi = round_ratios(per_round)
         if unit == "GB/s":
             achieved = work / t["fastbn"] / 1e9
             roof = f"{100 * work / t['fastbn'] / copy_bw:.0f}% of copy"
@@ -179,11 +179,13 @@ def run(args, res):
             achieved = work / t["fastbn"] / 1e9
             roof = f"{100 * work / t['fastbn'] / mm_rate:.0f}% of matmul"
         rows.append(dict(group=group, case=case, mode=mode, dtype=str(dtype).replace("torch.", ""), layout=layout,
-                         fastbn_ms=1e3 * t["fastbn"], torch_ms=1e3 * t["torch"], ratio=ratio, ratio_lo=lo, ratio_hi=hi,
+                         fastbn_ms=1e3 * t["fastbn"], torch_ms=1e3 * t["torch"], ratio=ratio,
+                         ratio_mid=mid, ratio_lo=lo, ratio_hi=hi,
                          compiled_ms=None if compiled is None else 1e3 * compiled,
                          achieved=f"{achieved:.1f} {unit}" if work else "-", roof=roof if work else "-"))
         print(f"{group:12s} {case:22s} {mode:8s} {rows[-1]['dtype']:9s} {layout:14s} fastbn {1e3 * t['fastbn']:9.3f} ms"
-              f"  torch {1e3 * t['torch']:9.3f} ms  x{ratio:5.2f} ({lo:.2f}-{hi:.2f})  {rows[-1]['achieved']}", flush=True)
+              f"  torch {1e3 * t['torch']:9.3f} ms  x{ratio:5.2f} (rounds {mid:.2f}, {lo:.2f}-{hi:.2f})"
+              f"  {rows[-1]['achieved']}", flush=True)
 
     def compiled_time(ref, make):
         compiled = torch.compile(ref)
@@ -272,8 +274,9 @@ def write_results(res, args):
         f"- measured copy bandwidth {res['copy_bw'] / 1e9:.1f} GB/s (read + write), float32 matmul "
         f"{res['mm_rate'] / 1e9:.0f} GFLOP/s",
         "- times: torch.utils.benchmark medians, fastbn and torch interleaved, median of rounds; "
-        "ratio = torch / fastbn (> 1: fastbn faster) of those medians; `ratio per round`: the lowest and highest "
-        "of the rounds' own ratios (each round times both sides back to back), i.e. how much the machine moved; "
+        "ratio = torch / fastbn (> 1: fastbn faster) of those medians; `ratio per round`: the median, lowest and "
+        "highest of the rounds' own ratios (each round times both sides back to back, so its ratio is paired "
+        "against the machine's drift; the spread shows how much it moved); "
         "`compiled` = torch.compile of the builtin module",
     ]
     if any("(graph)" in r["group"] for r in res["rows"]):
@@ -291,7 +294,8 @@ def write_results(res, args):
     for r in res["rows"]:
         comp = f"{r['compiled_ms']:.3f}" if r["compiled_ms"] is not None else "-"
         head.append(f"| {r['group']} | {r['case']} | {r['mode']} | {r['dtype']} | {r['layout']} | {r['fastbn_ms']:.3f} | "
-                    f"{r['torch_ms']:.3f} | **{r['ratio']:.2f}x** | {r['ratio_lo']:.2f}-{r['ratio_hi']:.2f}x | {comp} | "
+                    f"{r['torch_ms']:.3f} | **{r['ratio']:.2f}x** | "
+                    f"{r['ratio_mid']:.2f}x ({r['ratio_lo']:.2f}-{r['ratio_hi']:.2f}) | {comp} | "
                     f"{r['achieved']} | {r['roof']} |")
     base, n = stem, 1
     while (out / f"{stem}.md").exists():  # a second run that day: keep the first one's files

@@ -3,7 +3,7 @@ import argparse
 
 import torch
 
-from benchmarks.harness import batch_norm_bytes, linear_flops, ratio_range
+from benchmarks.harness import batch_norm_bytes, linear_flops, round_ratios
 from benchmarks import run
 
 
@@ -20,8 +20,8 @@ def test_linear_flops():
     assert linear_flops(200, 3072, 100, backward=True, input_grad=False) == 2 * 2 * 200 * 3072 * 100
 
 
-def test_ratio_range_is_over_rounds():
-    assert ratio_range({"torch": [2.0, 3.0, 4.0], "fastbn": [1.0, 1.0, 4.0]}) == (1.0, 3.0)
+def test_round_ratios_pair_the_rounds():
+    assert round_ratios({"torch": [2.0, 3.0, 4.0], "fastbn": [1.0, 1.0, 4.0]}) == (2.0, 1.0, 3.0)
 
 
 def test_quick_run_writes_table_and_plot(tmp_path):
@@ -29,8 +29,9 @@ def test_quick_run_writes_table_and_plot(tmp_path):
     text = md.read_text()
     assert "| BatchNorm |" in text and "| Linear+LReLU |" in text and "commit:" in text and "torch " in text
     row = next(line for line in text.splitlines() if line.startswith("| BatchNorm |"))
-    lo, hi = row.split(" | ")[8].rstrip("x").split("-")  # the `ratio per round` column
-    assert 0 < float(lo) <= float(hi)
+    mid, spread = row.split(" | ")[8].split("x (")  # the `ratio per round` column: "M.MMx (L.LL-H.HH)"
+    lo, hi = spread.rstrip(")").split("-")
+    assert 0 < float(lo) <= float(mid) <= float(hi)
     assert len(list(tmp_path.glob("*-sweep.png"))) == 1
 
 
