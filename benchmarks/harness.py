@@ -45,9 +45,14 @@ def time_rounds(fns, threads, rounds=5, min_run_time=0.2):
     return per
 
 
+def medians(per_round):
+    """{name: median seconds over rounds} of time_rounds' result."""
+    return {name: statistics.median(v) for name, v in per_round.items()}
+
+
 def time_interleaved(fns, threads, rounds=5, min_run_time=0.2):
     """{name: median seconds over rounds} for callables timed alternately."""
-    return {name: statistics.median(v) for name, v in time_rounds(fns, threads, rounds, min_run_time).items()}
+    return medians(time_rounds(fns, threads, rounds, min_run_time))
 
 
 def round_ratios(per_round, num="torch", den="fastbn"):

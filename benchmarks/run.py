@@ -11,7 +11,6 @@ import datetime
 import os
 import platform
 import signal
-import statistics
 import subprocess
 import sys
 import threading
@@ -21,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import fastbn
-from benchmarks.harness import (batch_norm_bytes, copy_bandwidth, cuda_graphed, linear_flops, matmul_rate,
+from benchmarks.harness import (batch_norm_bytes, copy_bandwidth, cuda_graphed, linear_flops, matmul_rate, medians,
                                 round_ratios, time_interleaved, time_rounds)
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -53,6 +52,10 @@ def commit():
 
 
 # ---- cases ---------------------------------------------------------------------------------------
+
+
+def shape_name(shape):
+    return "x".join(map(str, shape))
 
 
 def bn_case(shape, dtype, device, channels_last, mode):
@@ -169,7 +172,7 @@ def run(args, res):
             return None
 
     def add(group, case, mode, dtype, layout, per_round, work, unit, compiled=None):
-        t = {name: statistics.median(v) for name, v in per_round.items()}
+        t = medians(per_round)
         ratio = t["torch"] / t["fastbn"]
         mid, lo, hi = round_ratios(per_round)
         if unit == "GB/s":
@@ -197,7 +200,7 @@ def run(args, res):
     # BatchNorm at the models' shapes
     bn_shapes = [(8, 16, 8, 8), (16, 32)] if quick else [(128, 64, 32, 32), (32, 256, 8, 8), (32, 64, 32, 32),
                                                            (32, 512, 2, 2), (200, 1000)]
-    for shape in (s for s in bn_shapes if wanted("x".join(map(str, s)))):
+    for shape in (s for s in bn_shapes if wanted(shape_name(s))):
         for dtype in dtypes(device, quick, only):
             for cl in ((False, True) if len(shape) == 4 else (False,)):
                 for mode in ("fwd", "fwd+bwd", "eval"):
@@ -209,9 +212,9 @@ def run(args, res):
                     if args.compile and dtype == torch.float32 and mode == "fwd+bwd" and shape in bn_shapes[:2]:
                         comp = compiled_time(ref, make)
                     layout = "channels_last" if cl else "contiguous"
-                    add("BatchNorm", "x".join(map(str, shape)), mode, dtype, layout, t, nbytes, "GB/s", comp)
+                    add("BatchNorm", shape_name(shape), mode, dtype, layout, t, nbytes, "GB/s", comp)
                     if graphs and dtype == torch.float32 and (tg := graph_times(fns)):
-                        add("BN (graph)", "x".join(map(str, shape)), mode, dtype, layout, tg, nbytes, "GB/s")
+                        add("BN (graph)", shape_name(shape), mode, dtype, layout, tg, nbytes, "GB/s")
 
     # BatchNorm2d size sweep: training forward+backward, float32
     sizes = [1 << 12, 1 << 16] if quick else [1 << k for k in range(12, 27, 2)]  # values: 16 KB .. 256 MB
@@ -219,14 +222,14 @@ def run(args, res):
         hw = max(1, numel // (32 * 64))
         side = int(hw ** 0.5)
         shape = (max(1, numel // (64 * side * side)), 64, side, side)
-        if not wanted("x".join(map(str, shape))):
+        if not wanted(shape_name(shape)):
             continue
         fns, nbytes, _, _ = bn_case(shape, torch.float32, device, False, "fwd+bwd")
         t = time_rounds(fns, threads, rounds, mrt)
-        sweep.append((nbytes / 5, {name: statistics.median(v) for name, v in t.items()}, nbytes))  # input bytes
-        add("BN sweep", "x".join(map(str, shape)), "fwd+bwd", torch.float32, "contiguous", t, nbytes, "GB/s")
+        sweep.append((nbytes / 5, medians(t), nbytes))  # input bytes
+        add("BN sweep", shape_name(shape), "fwd+bwd", torch.float32, "contiguous", t, nbytes, "GB/s")
         if graphs and (tg := graph_times(fns)):
-            add("sweep (graph)", "x".join(map(str, shape)), "fwd+bwd", torch.float32, "contiguous", tg, nbytes, "GB/s")
+            add("sweep (graph)", shape_name(shape), "fwd+bwd", torch.float32, "contiguous", tg, nbytes, "GB/s")
 
     # Linear + LeakyReLU
     lin_shapes = [(16, 64, 32)] if quick else [(200, 3072, 100), (200, 100, 10), (200, 3072, 1000),
