@@ -78,12 +78,17 @@ class BatchNormFunction(torch.autograd.Function):
         # mean and invstd are saved, not returned: fewer outputs for autograd to wrap per call
         ctx.save_for_backward(input, weight, mean, invstd)
         ctx.training = training
+        ctx.eps = eps
         return out
 
     @staticmethod
     def backward(ctx, grad_output):
         input, weight, mean, invstd = ctx.saved_tensors
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():  # create_graph=True: the gradients must be differentiable too
+            grads = batch_norm_backward_differentiable(grad_output, input, weight, mean, invstd, ctx.training, ctx.eps)
+            return tuple(g if need else None for g, need in zip(grads, (need_input, need_weight, need_bias))) + (
+                None, None, None, None, None)
         grad_input = grad_weight = grad_bias = None
         sum_dy = sum_dy_xmu = None
         if ctx.training and need_input:  # the common case: every gradient, in one fused op
@@ -101,6 +106,30 @@ class BatchNormFunction(torch.autograd.Function):
             )
         return (grad_input, grad_weight if need_weight else None, grad_bias if need_bias else None,
                 None, None, None, None, None)
+
+
+def batch_norm_backward_differentiable(grad_output, input, weight, mean, invstd, training, eps):
+    """(grad_input, grad_weight, grad_bias) in torch ops, for double backward (create_graph=True),
+    which the kernels do not record. The maths of batch_norm_backward, with the batch statistics
+    recomputed from the input so that their own dependence on it is differentiated too (the saved
+    mean and invstd are the kernels' outputs, constants to autograd)."""
+    dims = [d for d in range(input.dim()) if d != 1]
+    shape = [-1 if d == 1 else 1 for d in range(input.dim())]
+    acc = _acc_dtype(input.dtype)
+    x, dy = input.to(acc), grad_output.to(acc)
+    if training:
+        mean = x.mean(dims, keepdim=True)
+        invstd = torch.rsqrt(x.var(dims, correction=0, keepdim=True) + eps)
+    else:  # eval: the running statistics, constants
+        mean, invstd = mean.to(acc).view(shape), invstd.to(acc).view(shape)
+    x_hat = (x - mean) * invstd
+    scale = invstd if weight is None else weight.to(acc).view(shape) * invstd
+    if training:
+        grad_input = scale * (dy - dy.mean(dims, keepdim=True) - x_hat * (dy * x_hat).mean(dims, keepdim=True))
+    else:
+        grad_input = scale * dy
+    param_dtype = acc if weight is None else weight.dtype
+    return (grad_input.to(input.dtype), (dy * x_hat).sum(dims).to(param_dtype), dy.sum(dims).to(param_dtype))
 
 
 def linear_leaky_relu_forward(input, weight, bias, negative_slope):
@@ -127,7 +156,11 @@ class LinearLeakyReLUFunction(torch.autograd.Function):
     def backward(ctx, grad_output):
         input, weight, saved = ctx.saved_tensors
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
-        grad_pre, grad_bias = _ops.leaky_relu_backward_bias(grad_output, saved, ctx.negative_slope)
+        if torch.is_grad_enabled():  # create_graph=True: the same maths in torch ops, so that it is recorded
+            grad_pre = torch.where(saved > 0, grad_output, grad_output * ctx.negative_slope)
+            grad_bias = grad_pre.reshape(-1, weight.shape[0]).sum(0)
+        else:
+            grad_pre, grad_bias = _ops.leaky_relu_backward_bias(grad_output, saved, ctx.negative_slope)
         grad_pre = grad_pre.reshape(-1, weight.shape[0])
         grad_input = grad_weight = None
         if need_input:

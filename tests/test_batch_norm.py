@@ -198,6 +198,45 @@ def test_gradcheck_float64(device, shape, training, channels_last, affine):
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-5)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "shape,training,channels_last,affine",
+    [((6, 3), True, False, True), ((3, 4, 5), True, False, True), ((2, 3, 4, 5), True, True, True),
+     ((2, 3, 4, 5), False, False, True), ((4, 3), True, False, False)],
+)
+def test_double_backward_float64_matches_torch(device, shape, training, channels_last, affine):
+    # create_graph=True (gradient penalties, Hessian-vector products): the gradients are recorded
+    # too, so that differentiating them gives torch's second derivatives, not silent zeros.
+    x, w, b, rm, rv = make_case(shape, torch.float64, device, channels_last, affine)
+    x, w, b = leaf(x), leaf(w), leaf(b)
+    inputs = (x, w, b) if affine else (x,)
+
+    def fn(x, w=None, b=None):
+        return F.batch_norm(x, rm.clone(), rv.clone(), w, b, training=training)
+
+    assert torch.autograd.gradgradcheck(fn, inputs, eps=1e-6, atol=1e-5)
+
+    def second_order(batch_norm):
+        y = batch_norm(x, rm.clone(), rv.clone(), *inputs[1:], training=training)
+        grads = torch.autograd.grad(y.pow(3).sum(), inputs, create_graph=True)
+        return torch.autograd.grad(sum(g.square().sum() for g in grads), inputs)
+
+    for ours, ref in zip(second_order(F.batch_norm), second_order(TF.batch_norm)):
+        assert_rel_close(ours, ref, torch.float64, "second derivative")
+
+
+def test_compiled_backward_runs_the_kernels():
+    # The differentiable backward is for create_graph only: a compiled training step keeps the
+    # fused kernel in its backward graph.
+    from torch._dynamo.testing import AotEagerAndRecordGraphs
+
+    backend = AotEagerAndRecordGraphs()
+    model = torch.nn.Sequential(torch.nn.Linear(12, 8), fastbn.nn.BatchNorm1d(8))
+    torch.compile(model, fullgraph=True, backend=backend)(torch.randn(6, 12)).square().sum().backward()
+    code = "\n".join(g.code for g in backend.bw_graphs)
+    assert "torch.ops.fastbn.batch_norm_backward.default" in code and "rsqrt" not in code
+
+
 def _sample_calls(device):
     x, w, b, rm, rv = make_case((4, 3, 5, 5), torch.float32, device)
     xc, *_ = make_case((4, 3, 5, 5), torch.float32, device, channels_last=True)

@@ -83,6 +83,32 @@ def test_gradcheck_float64(device, slope):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("slope", [0.02, 0.0, -0.5])
+def test_double_backward_float64(device, slope):
+    # create_graph=True records the backward in torch ops, so that it can be differentiated again
+    x = torch.randn(5, 3, 4, dtype=torch.float64, device=device, requires_grad=True)
+    w = torch.randn(6, 4, dtype=torch.float64, device=device, requires_grad=True)
+    b = torch.randn(6, dtype=torch.float64, device=device, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda x, w, b: F.linear_leaky_relu(x, w, b, slope), (x, w, b))
+
+    def second_order(fn):
+        grads = torch.autograd.grad(fn(x, w, b, slope).pow(3).sum(), (x, w, b), create_graph=True)
+        return torch.autograd.grad(sum(g.square().sum() for g in grads), (x, w, b))
+
+    for ours, ref in zip(second_order(F.linear_leaky_relu), second_order(reference)):
+        assert_rel(ours, ref, torch.float64, "second derivative", ref.abs().max().item())
+
+
+def test_compiled_backward_runs_the_kernels():
+    from torch._dynamo.testing import AotEagerAndRecordGraphs
+
+    backend = AotEagerAndRecordGraphs()
+    model = fastbn.nn.LinearLeakyReLU(12, 8, negative_slope=0.02)
+    torch.compile(model, fullgraph=True, backend=backend)(torch.randn(6, 12)).square().sum().backward()
+    assert "torch.ops.fastbn.leaky_relu_backward_bias.default" in "\n".join(g.code for g in backend.bw_graphs)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_skips_unrequested_gradients(device):
     x = torch.randn(8, 5, device=device)  # no grad: the input gradient is not computed
     lin = fastbn.nn.LinearLeakyReLU(5, 3, device=device)
