@@ -1,4 +1,6 @@
-"""The package spine: import, build_info() tells the truth, the error paths of a build."""
+"""The package spine: import, build_info() tells the truth, the error paths of a build, export and
+serialisation of models that use the ops."""
+import copy
 import os
 import re
 import shutil
@@ -83,3 +85,33 @@ def test_cpu_only_build_names_the_missing_backend(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert '"cuda_kernels": false' in out.stdout
     assert re.search(r"ERR fastbn was built without CUDA kernels.*FASTBN_CUDA=1", out.stdout)
+
+
+def _small_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3), fastbn.nn.BatchNorm2d(8), torch.nn.Flatten(),
+        fastbn.nn.LinearLeakyReLU(8 * 4 * 4, 5, negative_slope=0.02), fastbn.nn.BatchNorm1d(5),
+    )
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_torch_export_keeps_the_ops_and_matches_eager(training):
+    # Deployment path: the exported program calls fastbn's ops (fake kernels trace them) and
+    # gives eager's output; in training the running stats are updated as in eager.
+    model, x = _small_model().train(training), torch.randn(2, 3, 6, 6)
+    exported = torch.export.export(copy.deepcopy(model), (x,))
+    targets = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
+    assert {"fastbn.batch_norm.default", "fastbn.linear_leaky_relu.default"} <= targets
+    runner = exported.module()
+    torch.testing.assert_close(runner(x), model(x))
+    torch.testing.assert_close(runner.state_dict()["1.running_mean"], model[1].running_mean)
+
+
+def test_whole_model_save_load_and_deepcopy(tmp_path):
+    model, x = _small_model().eval(), torch.randn(2, 3, 6, 6)
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    for other in (loaded, copy.deepcopy(model)):
+        assert isinstance(other[1], fastbn.nn.BatchNorm2d) and isinstance(other[3], fastbn.nn.LinearLeakyReLU)
+        assert torch.equal(other(x), model(x))
