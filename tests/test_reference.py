@@ -45,6 +45,16 @@ def test_manual_function_gradcheck_and_needs_input_grad():
     assert calls["needs"][:3] == (False, True, False) and grads[0].shape == (4,)
 
 
+def test_manual_function_refuses_double_backward():
+    # its saved x_hat and invstd carry no graph, so a second derivative would come out wrong
+    x = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    gamma, beta = torch.rand(4, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    y = CustomBatchNormManualFunction.apply(x, gamma, beta, 1e-5)
+    (g,) = torch.autograd.grad(y.pow(3).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        g.sum().backward()
+
+
 def test_reference_rejects_wrong_shape():
     with pytest.raises(ValueError, match="expected input of shape \\(batch, 5\\)"):
         CustomBatchNormManualModule(5)(torch.randn(3, 4))

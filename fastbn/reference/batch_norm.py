@@ -8,6 +8,7 @@ stats. Put beside csrc/cpu/kernels_impl.inc, the maths is line for line the same
 """
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 
 def _check_input(x, n_neurons):
@@ -49,6 +50,7 @@ class CustomBatchNormManualFunction(torch.autograd.Function):
         return gamma * x_hat + beta
 
     @staticmethod
+    @once_differentiable  # saved x_hat/invstd carry no graph: a second derivative would be silently wrong
     def backward(ctx, grad_output):
         x_hat, gamma, invstd = ctx.saved_tensors
         grad_input = grad_gamma = grad_beta = None
