@@ -1,7 +1,7 @@
 """fastbn against PyTorch's builtins: `python -m benchmarks.run [--quick] [--device cuda]`.
 
 Rows: BatchNorm1d/2d (forward, forward+backward, eval; NCHW and channels_last; each dtype) at the
-models' shapes and over a size sweep; Linear+LeakyReLU at the MLP's shapes and a sweep; the MLP
+models' shapes, at small batches and over a size sweep; Linear+LeakyReLU at the MLP's shapes and a sweep; the MLP
 and ConvNet training steps end to end (fastbn backend against torch backend). Baselines: torch
 eager, and torch.compile of the same builtin code where marked. Writes a markdown table and PNG
 plots to benchmarks/results/, named by device and date, with device, versions and commit inside.
@@ -197,9 +197,10 @@ def run(args, res):
             fn()
         return time_interleaved({"c": fn}, threads, rounds, mrt)["c"]
 
-    # BatchNorm at the models' shapes
+    # BatchNorm at the models' shapes, then small batches (inference, per-sample steps), where
+    # per-channel work rather than memory decides
     bn_shapes = [(8, 16, 8, 8), (16, 32)] if quick else [(128, 64, 32, 32), (32, 256, 8, 8), (32, 64, 32, 32),
-                                                           (32, 512, 2, 2), (200, 1000)]
+                                                           (32, 512, 2, 2), (200, 1000), (1, 512, 4, 4), (8, 1000)]
     for shape in (s for s in bn_shapes if wanted(shape_name(s))):
         for dtype in dtypes(device, quick, only):
             for cl in ((False, True) if len(shape) == 4 else (False,)):

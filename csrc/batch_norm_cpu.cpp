@@ -756,6 +756,33 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_backward_reduce_cpu(const 
           channel_tensor(sdy, mean, pdtype)};
 }
 
+// dx = a * dy - (x - mean) * b - c over the whole input, the threads sharing it.
+template <typename T>
+void grad_input_pass(const BatchNormLayout& L, const T* g, const T* x, T* d, const std::vector<cpu::acc_t<T>>& m,
+                     const std::vector<cpu::acc_t<T>>& a, const std::vector<cpu::acc_t<T>>& b,
+                     const std::vector<cpu::acc_t<T>>& c) {
+  const auto& k = cpu::kernels_for<T>();
+  if (short_planes(L)) {
+    const BatchNormLayout R = as_rows(L);
+    const int64_t S = L.S;
+    const auto cm = per_column(m, S), ca = per_column(a, S), cb = per_column(b, S), cc = per_column(c, S);
+    for_each_span(R, no_planes, [&](int64_t r0, int64_t nr) {
+      k.rows_grad_input(g + r0 * R.C, x + r0 * R.C, d + r0 * R.C, nr, R.C, R.C, cm.get(), ca.get(), cb.get(),
+                        cc.get());
+    });
+    return;
+  }
+  const int64_t C = L.C;
+  for_each_span(
+      L,
+      [&](int64_t off, int64_t runs, int64_t len, int64_t stride, int64_t j) {
+        k.plane_grad_input(g + off, x + off, d + off, runs, len, stride, m[j], a[j], b[j], c[j]);
+      },
+      [&](int64_t r0, int64_t nr) {
+        k.rows_grad_input(g + r0 * C, x + r0 * C, d + r0 * C, nr, C, C, m.data(), a.data(), b.data(), c.data());
+      });
+}
+
 Tensor batch_norm_backward_input_cpu(const Tensor& grad_output, const Tensor& input, const Tensor& mean,
                                      const Tensor& invstd, const OptTensor& weight, const OptTensor& sum_dy,
                                      const OptTensor& sum_dy_xmu) {
@@ -773,34 +800,19 @@ Tensor batch_norm_backward_input_cpu(const Tensor& grad_output, const Tensor& in
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "fastbn_bn_bwd_input", [&] {
     using T = cpu::kernel_type<scalar_t>;
     using A = cpu::acc_t<T>;
-    const auto& k = cpu::kernels_for<T>();
     std::vector<A> m(mu.begin(), mu.end()), a(C), b(C), c(C);
     grad_input_constants(w, is, s1.data(), s2.data(), M, 0, C, a.data(), b.data(), c.data());
-    const T* x = reinterpret_cast<const T*>(L.x.const_data_ptr<scalar_t>());
-    const T* g = reinterpret_cast<const T*>(dy.const_data_ptr<scalar_t>());
-    T* d = reinterpret_cast<T*>(dx.data_ptr<scalar_t>());
-    if (short_planes(L)) {
-      const BatchNormLayout R = as_rows(L);
-      const int64_t S = L.S;
-      const auto cm = per_column(m, S), ca = per_column(a, S), cb = per_column(b, S), cc = per_column(c, S);
-      for_each_span(R, no_planes, [&](int64_t r0, int64_t nr) {
-        k.rows_grad_input(g + r0 * R.C, x + r0 * R.C, d + r0 * R.C, nr, R.C, R.C, cm.get(), ca.get(), cb.get(),
-                          cc.get());
-      });
-      return;
-    }
-    for_each_span(
-        L, [&](int64_t off, int64_t runs, int64_t len, int64_t stride, int64_t j) { k.plane_grad_input(g + off, x + off, d + off, runs, len, stride, m[j], a[j], b[j], c[j]); },
-        [&](int64_t r0, int64_t nr) {
-          k.rows_grad_input(g + r0 * C, x + r0 * C, d + r0 * C, nr, C, C, m.data(), a.data(), b.data(), c.data());
-        });
+    grad_input_pass<T>(L, reinterpret_cast<const T*>(dy.const_data_ptr<scalar_t>()),
+                       reinterpret_cast<const T*>(L.x.const_data_ptr<scalar_t>()),
+                       reinterpret_cast<T*>(dx.data_ptr<scalar_t>()), m, a, b, c);
   });
   return dx;
 }
 
 // All three gradients in training mode. With channel groups the per-channel sums and dx are
 // computed in one region (dx re-reads x and dy from cache), rows that cannot be owned in three
-// phases of one region; otherwise reduce, then input.
+// phases of one region; otherwise the sums, then dx, as reduce-then-input but without their
+// intermediate tensors (at small batches those cost more than the passes).
 std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(const Tensor& grad_output, const Tensor& input,
                                                            const Tensor& mean, const Tensor& invstd,
                                                            const OptTensor& weight) {
@@ -810,12 +822,6 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(const Tensor& grad_ou
   const int64_t C = L.C, M = L.per_channel();
   const bool fused = M > 0 && ChannelGroups(L, 2 * input.element_size()).usable;
   const bool phases = M > 0 && !fused && rows_in_phases(L);
-  if (!fused && !phases) {
-    auto sums = batch_norm_backward_reduce_cpu(grad_output, input, mean, invstd, weight);
-    Tensor dx = batch_norm_backward_input_cpu(grad_output, input, mean, invstd, weight, std::get<0>(sums),
-                                              std::get<1>(sums));
-    return {dx, std::get<2>(sums), std::get<3>(sums)};
-  }
   const Tensor dy = grad_output.contiguous(L.format);
   Tensor dx = empty_like_layout(L);
   const std::vector<double> w = read_channels(weight, C, 1.0), is = read_channels(invstd, C, 1.0);
@@ -831,6 +837,13 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(const Tensor& grad_ou
     auto constants = [&](int64_t j0, int64_t j1) {
       grad_input_constants(w, is, sdy.data(), sdyxmu.data(), M, j0, j1, a.data(), b.data(), c.data());
     };
+    if (M == 0) return;
+    if (!fused && !phases) {  // sums, constants, dx: the arithmetic of reduce-then-input
+      grad_sums<T>(L, g, x, m.data(), sdy.data(), sdyxmu.data());
+      constants(0, C);
+      grad_input_pass<T>(L, g, x, d, m, a, b, c);
+      return;
+    }
     if (phases) {  // chunk sums | per-channel sums, constants | dx of the chunks
       const auto& k = cpu::kernels_for<T>();
       const RowChunks rc(C, M);

@@ -404,10 +404,11 @@ def test_tensors_on_different_devices():
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape,channels_last", [((64, 32, 9, 7), False), ((64, 32, 9, 7), True), ((300, 200), False),
-                                                  ((4, 3, 400, 400), False), ((3000, 700), False)])
+                                                  ((4, 3, 400, 400), False), ((3000, 700), False),
+                                                  ((3, 24, 4, 4), False), ((32, 64, 2, 2), False)])
 def test_fused_backward_equals_reduce_then_input(device, shape, channels_last):
-    """batch_norm_backward (one region where channels fit in cache, else the split ops) against
-    the split ops, on shapes either side of the cache threshold."""
+    """batch_norm_backward (one region where channels fit in cache, three phases, or sums then
+    dx) against the split ops, on shapes either side of the cache threshold and short planes."""
     x, w, b, rm, rv = make_case(shape, torch.float32, device, channels_last)
     _, mean, invstd = torch.ops.fastbn.batch_norm(x, w, b, None, None, True, 0.1, 1e-5)
     g = torch.randn_like(x)
