@@ -189,7 +189,9 @@ def test_convert_swaps_and_keeps_state():
     [((6, 3), True, False, True), ((3, 4, 5), True, False, True), ((2, 3, 4, 5), True, True, True),
      ((2, 3, 4, 5), False, False, True), ((4, 3), True, False, False), ((2, 3, 2, 2), False, True, False)],
 )
-def test_gradcheck_float64(device, shape, training, channels_last, affine):
+def test_gradcheck_and_double_backward_float64(device, shape, training, channels_last, affine):
+    # Double backward (create_graph=True: gradient penalties, Hessian-vector products) records the
+    # gradients too, so that differentiating them gives torch's second derivatives, not zeros.
     x, w, b, rm, rv = make_case(shape, torch.float64, device, channels_last, affine)
     x, w, b = leaf(x), leaf(w), leaf(b)
     inputs = (x, w, b) if affine else (x,)
@@ -198,24 +200,6 @@ def test_gradcheck_float64(device, shape, training, channels_last, affine):
         return F.batch_norm(x, rm.clone(), rv.clone(), w, b, training=training)
 
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-5)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize(
-    "shape,training,channels_last,affine",
-    [((6, 3), True, False, True), ((3, 4, 5), True, False, True), ((2, 3, 4, 5), True, True, True),
-     ((2, 3, 4, 5), False, False, True), ((4, 3), True, False, False)],
-)
-def test_double_backward_float64_matches_torch(device, shape, training, channels_last, affine):
-    # create_graph=True (gradient penalties, Hessian-vector products): the gradients are recorded
-    # too, so that differentiating them gives torch's second derivatives, not silent zeros.
-    x, w, b, rm, rv = make_case(shape, torch.float64, device, channels_last, affine)
-    x, w, b = leaf(x), leaf(w), leaf(b)
-    inputs = (x, w, b) if affine else (x,)
-
-    def fn(x, w=None, b=None):
-        return F.batch_norm(x, rm.clone(), rv.clone(), w, b, training=training)
-
     assert torch.autograd.gradgradcheck(fn, inputs, eps=1e-6, atol=1e-5)
 
     def second_order(batch_norm):
