@@ -189,9 +189,9 @@ BatchNormLayout as_rows(const BatchNormLayout& L) { return {L.x, false, L.format
 // stores instead of a loop of S per channel, which at small batches cost more than the kernel
 // (1 x 512 x 2 x 2 forward: a third of the op).
 template <typename V>
-std::unique_ptr<V[]> per_column(const std::vector<V>& v, int64_t S) {
+std::unique_ptr<V[]> per_column(const V* v, int64_t C, int64_t S) {
   constexpr int64_t kFill = 16;
-  const int64_t C = int64_t(v.size()), blocks = (S + kFill - 1) / kFill;
+  const int64_t blocks = (S + kFill - 1) / kFill;
   auto out = partials<V>(C * S + kFill);
   V* o = out.get();
   for (int64_t c = 0; c < C; ++c, o += S) {
@@ -217,25 +217,21 @@ struct ChannelBlocks {
   int64_t runs(int64_t b) const { return std::min(runs_per_block, N - b / splits * runs_per_block); }
   int64_t length(int64_t b) const { return std::min(len, S - b % splits * len); }
   double values(int64_t b) const { return double(runs(b) * length(b)); }
-  // offset(b, c) = start(b) + c * S
+  // block b of channel c starts at start(b) + c * S
   int64_t start(int64_t b) const { return b / splits * runs_per_block * C * S + b % splits * len; }
-  // f(block, offset, runs, length) for every block of channel c, in order. Incremental: a
-  // division per block costs as much as a 16-value block itself (1 x 512 x 4 x 4).
+  // f(block, offset, runs, length) for every block of channel c, in order
   template <typename F>
   void each(int64_t c, F&& f) const {
-    int64_t b = 0;
-    for (int64_t r0 = 0; r0 < N; r0 += runs_per_block) {
-      const int64_t n_runs = std::min(runs_per_block, N - r0);
-      for (int64_t k = 0; k < splits; ++k, ++b)
-        f(b, (r0 * C + c) * S + k * len, n_runs, std::min(len, S - k * len));
-    }
+    for (int64_t b = 0; b < count; ++b) f(b, start(b) + c * S, runs(b), length(b));
   }
   // f(i, channel, offset, runs, length) for every (block b, channel c), i = b * C + c, the
   // threads sharing them (numel: the input's size, for the grain)
   template <typename F>
   void parallel_each(int64_t numel, F&& f) const {
     at::parallel_for(0, count * C, grain(count * C, numel), [&](int64_t i0, int64_t i1) {
-      int64_t b = i0 / C, c = i0 % C;  // divisions once per task and per block, not per item
+      // divisions once per task and per block, not per item: with 16-value blocks (1 x 512 x 4 x 4)
+      // a division cost as much as the block
+      int64_t b = i0 / C, c = i0 % C;
       int64_t base = start(b), n_runs = runs(b), n = length(b);
       for (int64_t i = i0; i < i1; ++i) {
         f(i, c, base + c * S, n_runs, n);
@@ -651,7 +647,8 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_cpu(const Tensor& input, const Opt
     if (M == 0) return;
     if (short_planes(L)) {
       const BatchNormLayout R = as_rows(L);
-      const auto cm = per_column(m, L.S), cs = per_column(scale, L.S), csh = per_column(shift, L.S);
+      const auto cm = per_column(m.data(), C, L.S), cs = per_column(scale.data(), C, L.S),
+                 csh = per_column(shift.data(), C, L.S);
       for_each_span(R, no_planes, [&](int64_t r0, int64_t nr) {
         k.rows_normalize(x + r0 * R.C, y + r0 * R.C, nr, R.C, R.C, cm.get(), cs.get(), csh.get());
       });
@@ -686,7 +683,7 @@ void grad_sums(const BatchNormLayout& L, const T* g, const T* x, const cpu::acc_
   if (short_planes(L)) {  // sums per column of (N, C * S), then over a channel's S columns in order
     const int64_t S = L.S;
     auto s1 = partials<double>(C * S), s2 = partials<double>(C * S);  // every column written
-    const auto column_mu = per_column(std::vector<A>(mu, mu + C), S);
+    const auto column_mu = per_column(mu, C, S);
     grad_sums<T>(as_rows(L), g, x, column_mu.get(), s1.get(), s2.get());
     for (int64_t c = 0; c < C; ++c) {
       double t1 = 0, t2 = 0;
@@ -766,7 +763,9 @@ void grad_input_pass(const BatchNormLayout& L, const T* g, const T* x, T* d, con
   if (short_planes(L)) {
     const BatchNormLayout R = as_rows(L);
     const int64_t S = L.S;
-    const auto cm = per_column(m, S), ca = per_column(a, S), cb = per_column(b, S), cc = per_column(c, S);
+    const int64_t C = L.C;
+    const auto cm = per_column(m.data(), C, S), ca = per_column(a.data(), C, S), cb = per_column(b.data(), C, S),
+               cc = per_column(c.data(), C, S);
     for_each_span(R, no_planes, [&](int64_t r0, int64_t nr) {
       k.rows_grad_input(g + r0 * R.C, x + r0 * R.C, d + r0 * R.C, nr, R.C, R.C, cm.get(), ca.get(), cb.get(),
                         cc.get());

@@ -158,10 +158,11 @@ class LinearLeakyReLUFunction(torch.autograd.Function):
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
         if torch.is_grad_enabled():  # create_graph=True: the same maths in torch ops, so that it is recorded
             grad_pre = torch.where(saved > 0, grad_output, grad_output * ctx.negative_slope)
-            grad_bias = grad_pre.reshape(-1, weight.shape[0]).sum(0)
+            grad_pre = grad_pre.reshape(-1, weight.shape[0])
+            grad_bias = grad_pre.sum(0)
         else:
             grad_pre, grad_bias = _ops.leaky_relu_backward_bias(grad_output, saved, ctx.negative_slope)
-        grad_pre = grad_pre.reshape(-1, weight.shape[0])
+            grad_pre = grad_pre.reshape(-1, weight.shape[0])
         grad_input = grad_weight = None
         if need_input:
             grad_input = (grad_pre @ weight).view(input.shape)
