@@ -1,7 +1,18 @@
 """What users call: the signatures and semantics of torch.nn.functional, on fastbn's kernels."""
 import torch
+from torch.autograd import forward_ad
 
-from fastbn.ops import BatchNormFunction, LinearLeakyReLUFunction, batch_norm_op, linear_leaky_relu_forward
+from fastbn.ops import (BatchNormFunction, BatchNormTransformFunction, LinearLeakyReLUFunction,
+                        LinearLeakyReLUTransformFunction, batch_norm_op, linear_leaky_relu_forward)
+
+
+def _in_transform():
+    # Inside torch.func transforms (grad, vmap, jacrev, jvp, ...) or a forward-mode dual level
+    # the autograd Functions must take the form those require (ops.BatchNormTransformFunction).
+    # Never while torch.compile traces.
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0
 
 
 def _records_graph(input, weight, bias):
@@ -36,6 +47,8 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
         raise TypeError(f"batch_norm: expected input to be a Tensor, got {type(input).__name__}")
     momentum, eps = _as_float("batch_norm", "momentum", momentum), _as_float("batch_norm", "eps", eps)
     args = (input, weight, bias, running_mean, running_var, bool(training), momentum, eps)
+    if _in_transform():
+        return BatchNormTransformFunction.apply(*args)[0]
     if _records_graph(input, weight, bias):
         return BatchNormFunction.apply(*args)
     return batch_norm_op(*args)[0]
@@ -55,6 +68,8 @@ def linear_leaky_relu(input, weight, bias=None, negative_slope=0.01):
         dtype = torch.get_autocast_dtype(device_type)
         input, weight = input.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
+    if _in_transform():
+        return LinearLeakyReLUTransformFunction.apply(input, weight, bias, negative_slope)[0]
     if _records_graph(input, weight, bias):
         return LinearLeakyReLUFunction.apply(input, weight, bias, negative_slope)
     return linear_leaky_relu_forward(input, weight, bias, negative_slope)[0]

@@ -1,6 +1,7 @@
 """torch.library glue for the ops declared in csrc/ops.cpp: fake (meta) kernels, so that
-torch.compile and FakeTensor can trace them, and the autograd Functions that pair each forward
-op with its backward ops. Users call fastbn.functional / fastbn.nn, not this module."""
+torch.compile and FakeTensor can trace them; vmap rules, so that torch.func.vmap batches them;
+and the autograd Functions that pair each forward op with its backward ops. Users call
+fastbn.functional / fastbn.nn, not this module."""
 import torch
 
 from fastbn import _C  # noqa: F401  (loads the schemas)
@@ -63,6 +64,68 @@ def _(grad_output, saved, negative_slope):
     )
 
 
+# ---- vmap rules -------------------------------------------------------------------------------
+# torch.func.vmap runs the op once for the whole batch of calls (in_dims: where each argument's
+# batch dimension is, None if it is shared).
+
+
+def _batch_first(t, dim, batch_size):
+    return t.movedim(dim, 0) if dim is not None else t.expand(batch_size, *t.shape)
+
+
+@torch.library.register_vmap("fastbn::batch_norm")
+def _(info, in_dims, input, weight, bias, running_mean, running_var, training, momentum, eps):
+    # Each call normalises its own (N, C, *) input: the batch of B calls is one BatchNorm of B * C
+    # channels, (N, B * C, *), channel b * C + c being channel c of call b.
+    B = info.batch_size
+    x = _batch_first(input, in_dims[0], B)
+    if x.dim() < 3:
+        raise ValueError(f"batch_norm: expected each vmapped input to be (N, C, *), got {tuple(x.shape[1:])}")
+    N, C, rest = x.shape[1], x.shape[2], x.shape[3:]
+    merged = x.movedim(0, 1).reshape(N, B * C, *rest)
+
+    def per_channel(t, dim):  # (B * C,) in the merged channels' order
+        if t is None:
+            return None
+        return t.repeat(B) if dim is None else t.movedim(dim, 0).reshape(B * C)
+
+    weight, bias = per_channel(weight, in_dims[1]), per_channel(bias, in_dims[2])
+    running = (running_mean, running_var)
+    if training and running_mean is not None and running_var is not None:
+        if in_dims[3] is None or in_dims[4] is None:
+            raise RuntimeError(
+                "batch_norm: vmap over training-mode BatchNorm with running stats shared by the batch: every "
+                "call would update the same running_mean/running_var. Give each call its own (batched) running "
+                "stats, or use track_running_stats=False (what torch.func.replace_all_batch_norm_modules_ does)")
+        running = tuple(t.movedim(d, 0) for t, d in zip(running, in_dims[3:5]))  # views: updated in place
+        flat = [t.contiguous() for t in running]
+        out, mean, invstd = _ops.batch_norm(merged, weight, bias, flat[0].view(-1), flat[1].view(-1), True,
+                                            momentum, eps)
+        for t, f in zip(running, flat):
+            if f.data_ptr() != t.data_ptr():
+                t.copy_(f)
+    else:  # eval reads the running stats; training without them has none
+        running = tuple(per_channel(t, d) for t, d in zip(running, in_dims[3:5]))
+        out, mean, invstd = _ops.batch_norm(merged, weight, bias, *running, training, momentum, eps)
+    out = out.reshape(N, B, C, *rest).movedim(1, 0)
+    return (out, mean.view(B, C), invstd.view(B, C)), (0, 0, 0)
+
+
+@torch.library.register_vmap("fastbn::linear_leaky_relu")
+def _(info, in_dims, input, weight, bias, negative_slope):
+    B = info.batch_size
+    x = _batch_first(input, in_dims[0], B)
+    if in_dims[1] is None and in_dims[2] is None:  # one layer, a batch of inputs: the op takes any leading dims
+        return _ops.linear_leaky_relu(x, weight, bias, negative_slope), 0
+    # a layer per call (ensembles): batched matmuls
+    w = _batch_first(weight, in_dims[1], B)
+    pre = torch.bmm(x.reshape(B, -1, x.shape[-1]), w.transpose(1, 2))
+    if bias is not None:
+        pre = pre + _batch_first(bias, in_dims[2], B).unsqueeze(1)
+    out = torch.nn.functional.leaky_relu(pre, negative_slope) if negative_slope != 1.0 else pre
+    return out.reshape(*x.shape[:-1], w.shape[1]), 0
+
+
 # ---- autograd --------------------------------------------------------------------------------
 
 
@@ -83,29 +146,89 @@ class BatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        input, weight, mean, invstd = ctx.saved_tensors
-        need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
-        if torch.is_grad_enabled():  # create_graph=True: the gradients must be differentiable too
-            grads = batch_norm_backward_differentiable(grad_output, input, weight, mean, invstd, ctx.training, ctx.eps)
-            return tuple(g if need else None for g, need in zip(grads, (need_input, need_weight, need_bias))) + (
-                None, None, None, None, None)
-        grad_input = grad_weight = grad_bias = None
-        sum_dy = sum_dy_xmu = None
-        if ctx.training and need_input:  # the common case: every gradient, in one fused op
-            grad_input, grad_weight, grad_bias = _ops.batch_norm_backward(grad_output, input, mean, invstd, weight)
-            return (grad_input, grad_weight if need_weight else None, grad_bias if need_bias else None,
-                    None, None, None, None, None)
-        if need_weight or need_bias or (need_input and ctx.training):
-            sum_dy, sum_dy_xmu, grad_weight, grad_bias = _ops.batch_norm_backward_reduce(
-                grad_output, input, mean, invstd, weight
-            )
-        if need_input:
-            grad_input = _ops.batch_norm_backward_input(
-                grad_output, input, mean, invstd, weight,
-                sum_dy if ctx.training else None, sum_dy_xmu if ctx.training else None,
-            )
+        return _batch_norm_backward(ctx, grad_output)
+
+
+class BatchNormTransformFunction(torch.autograd.Function):
+    """BatchNormFunction in the form torch.func's transforms require (forward without ctx, then
+    setup_context; a vmap rule generated from the ops' own), with a forward-mode rule (jvp) for
+    jvp/jacfwd/hessian and torch.autograd.forward_ad. Not the default: its apply() costs ~50 us
+    more (torch binds the arguments with inspect.signature), and torch.compile cannot trace a
+    Function with a jvp. fastbn.functional uses it only while a transform or a dual level is
+    active."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(input, weight, bias, running_mean, running_var, training, momentum, eps):
+        return batch_norm_op(input, weight, bias, running_mean, running_var, training, momentum, eps)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, weight, _, _, _, training, _, eps = inputs
+        _, mean, invstd = output
+        ctx.mark_non_differentiable(mean, invstd)
+        ctx.save_for_backward(input, weight, mean, invstd)
+        ctx.save_for_forward(input, weight, mean, invstd)
+        ctx.training = training
+        ctx.eps = eps
+
+    @staticmethod
+    def backward(ctx, grad_output, grad_mean, grad_invstd):
+        return _batch_norm_backward(ctx, grad_output)
+
+    @staticmethod
+    def jvp(ctx, input_t, weight_t, bias_t, *_):
+        return _batch_norm_jvp(ctx, input_t, weight_t, bias_t), None, None
+
+
+def _batch_norm_backward(ctx, grad_output):
+    input, weight, mean, invstd = ctx.saved_tensors
+    need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+    if torch.is_grad_enabled():  # create_graph=True: the gradients must be differentiable too
+        grads = batch_norm_backward_differentiable(grad_output, input, weight, mean, invstd, ctx.training, ctx.eps)
+        return tuple(g if need else None for g, need in zip(grads, (need_input, need_weight, need_bias))) + (
+            None, None, None, None, None)
+    grad_input = grad_weight = grad_bias = None
+    sum_dy = sum_dy_xmu = None
+    if ctx.training and need_input:  # the common case: every gradient, in one fused op
+        grad_input, grad_weight, grad_bias = _ops.batch_norm_backward(grad_output, input, mean, invstd, weight)
         return (grad_input, grad_weight if need_weight else None, grad_bias if need_bias else None,
                 None, None, None, None, None)
+    if need_weight or need_bias or (need_input and ctx.training):
+        sum_dy, sum_dy_xmu, grad_weight, grad_bias = _ops.batch_norm_backward_reduce(
+            grad_output, input, mean, invstd, weight
+        )
+    if need_input:
+        grad_input = _ops.batch_norm_backward_input(
+            grad_output, input, mean, invstd, weight,
+            sum_dy if ctx.training else None, sum_dy_xmu if ctx.training else None,
+        )
+    return (grad_input, grad_weight if need_weight else None, grad_bias if need_bias else None,
+            None, None, None, None, None)
+
+
+def _batch_norm_jvp(ctx, input_t, weight_t, bias_t):
+    # forward mode (jvp, jacfwd, hessian), in torch ops:
+    #   dy = weight * invstd * (dx - mean(dx) - x_hat * mean(dx * x_hat)) + dweight * x_hat + dbias
+    # (training; in eval the statistics are constants: dy = weight * invstd * dx + ...)
+    input, weight, mean, invstd = ctx.saved_tensors
+    dims = [d for d in range(input.dim()) if d != 1]
+    shape = [-1 if d == 1 else 1 for d in range(input.dim())]
+    acc = _acc_dtype(input.dtype)
+    x_hat = (input.to(acc) - mean.to(acc).view(shape)) * invstd.to(acc).view(shape)
+    out_t = torch.zeros_like(x_hat)
+    if input_t is not None:
+        dx = input_t.to(acc)
+        if ctx.training:
+            dx = dx - dx.mean(dims, keepdim=True) - x_hat * (dx * x_hat).mean(dims, keepdim=True)
+        scale = invstd.to(acc).view(shape) if weight is None else (weight.to(acc) * invstd.to(acc)).view(shape)
+        out_t = out_t + scale * dx
+    if weight_t is not None:
+        out_t = out_t + weight_t.to(acc).view(shape) * x_hat
+    if bias_t is not None:
+        out_t = out_t + bias_t.to(acc).view(shape)
+    return out_t.to(input.dtype)
 
 
 def batch_norm_backward_differentiable(grad_output, input, weight, mean, invstd, training, eps):
@@ -154,18 +277,66 @@ class LinearLeakyReLUFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        input, weight, saved = ctx.saved_tensors
-        need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
-        if torch.is_grad_enabled():  # create_graph=True: the same maths in torch ops, so that it is recorded
-            grad_pre = torch.where(saved > 0, grad_output, grad_output * ctx.negative_slope)
-            grad_pre = grad_pre.reshape(-1, weight.shape[0])
-            grad_bias = grad_pre.sum(0)
-        else:
-            grad_pre, grad_bias = _ops.leaky_relu_backward_bias(grad_output, saved, ctx.negative_slope)
-            grad_pre = grad_pre.reshape(-1, weight.shape[0])
-        grad_input = grad_weight = None
-        if need_input:
-            grad_input = (grad_pre @ weight).view(input.shape)
-        if need_weight:
-            grad_weight = grad_pre.t() @ input.reshape(-1, weight.shape[1])
-        return grad_input, grad_weight, grad_bias if need_bias else None, None
+        return _linear_leaky_relu_backward(ctx, grad_output)
+
+
+class LinearLeakyReLUTransformFunction(torch.autograd.Function):
+    """LinearLeakyReLUFunction in the form torch.func's transforms require (see
+    BatchNormTransformFunction). A negative slope returns the pre-activation as a second,
+    non-differentiable output: setup_context sees only inputs and outputs."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(input, weight, bias, negative_slope):
+        out, saved = linear_leaky_relu_forward(input, weight, bias, negative_slope)
+        return (out,) if saved is out else (out, saved)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, weight, _, negative_slope = inputs
+        if len(output) > 1:
+            ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(input, weight, output[-1])
+        ctx.save_for_forward(input, weight, output[-1])
+        ctx.negative_slope = negative_slope
+
+    @staticmethod
+    def backward(ctx, grad_output, *grad_saved):
+        return _linear_leaky_relu_backward(ctx, grad_output)
+
+    @staticmethod
+    def jvp(ctx, input_t, weight_t, bias_t, _):
+        out_t = _linear_leaky_relu_jvp(ctx, input_t, weight_t, bias_t)
+        return (out_t,) if ctx.negative_slope >= 0 else (out_t, None)
+
+
+def _linear_leaky_relu_backward(ctx, grad_output):
+    input, weight, saved = ctx.saved_tensors
+    need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+    if torch.is_grad_enabled():  # create_graph=True: the same maths in torch ops, so that it is recorded
+        grad_pre = torch.where(saved > 0, grad_output, grad_output * ctx.negative_slope)
+        grad_pre = grad_pre.reshape(-1, weight.shape[0])
+        grad_bias = grad_pre.sum(0)
+    else:
+        grad_pre, grad_bias = _ops.leaky_relu_backward_bias(grad_output, saved, ctx.negative_slope)
+        grad_pre = grad_pre.reshape(-1, weight.shape[0])
+    grad_input = grad_weight = None
+    if need_input:
+        grad_input = (grad_pre @ weight).view(input.shape)
+    if need_weight:
+        grad_weight = grad_pre.t() @ input.reshape(-1, weight.shape[1])
+    return grad_input, grad_weight, grad_bias if need_bias else None, None
+
+
+def _linear_leaky_relu_jvp(ctx, input_t, weight_t, bias_t):
+    # forward mode: d(pre) = dx @ W.T + x @ dW.T + db, through the activation's slope
+    input, weight, saved = ctx.saved_tensors
+    pre_t = torch.zeros(saved.shape, dtype=saved.dtype, device=saved.device)
+    if input_t is not None:
+        pre_t = pre_t + input_t @ weight.t()
+    if weight_t is not None:
+        pre_t = pre_t + input @ weight_t.t()
+    if bias_t is not None:
+        pre_t = pre_t + bias_t
+    return torch.where(saved > 0, pre_t, pre_t * ctx.negative_slope)
