@@ -208,13 +208,17 @@ def _batch_norm_backward(ctx, grad_output):
             None, None, None, None, None)
 
 
+def _channel_axes(input):
+    """(the dims reduced over per channel, the shape that broadcasts a (C,) vector over input)."""
+    return [d for d in range(input.dim()) if d != 1], [-1 if d == 1 else 1 for d in range(input.dim())]
+
+
 def _batch_norm_jvp(ctx, input_t, weight_t, bias_t):
     # forward mode (jvp, jacfwd, hessian), in torch ops:
     #   dy = weight * invstd * (dx - mean(dx) - x_hat * mean(dx * x_hat)) + dweight * x_hat + dbias
     # (training; in eval the statistics are constants: dy = weight * invstd * dx + ...)
     input, weight, mean, invstd = ctx.saved_tensors
-    dims = [d for d in range(input.dim()) if d != 1]
-    shape = [-1 if d == 1 else 1 for d in range(input.dim())]
+    dims, shape = _channel_axes(input)
     acc = _acc_dtype(input.dtype)
     x_hat = (input.to(acc) - mean.to(acc).view(shape)) * invstd.to(acc).view(shape)
     out_t = torch.zeros_like(x_hat)
@@ -236,8 +240,7 @@ def batch_norm_backward_differentiable(grad_output, input, weight, mean, invstd,
     which the kernels do not record. The maths of batch_norm_backward, with the batch statistics
     recomputed from the input so that their own dependence on it is differentiated too (the saved
     mean and invstd are the kernels' outputs, constants to autograd)."""
-    dims = [d for d in range(input.dim()) if d != 1]
-    shape = [-1 if d == 1 else 1 for d in range(input.dim())]
+    dims, shape = _channel_axes(input)
     acc = _acc_dtype(input.dtype)
     x, dy = input.to(acc), grad_output.to(acc)
     if training:

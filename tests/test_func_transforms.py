@@ -151,6 +151,19 @@ def test_vmap_over_an_ensemble_of_layers(device):
     torch.testing.assert_close(out, torch.stack([torch.nn.functional.leaky_relu(x @ w.T + c, 0.2) for w, c in zip(W, b)]))
 
 
+def assert_forward_mode_matches(module, reference, reference_params, x):
+    """jacfwd and hessian in the input and jvp in the parameters, of module and of
+    reference(x, params)."""
+    theirs = lambda x: reference(x, reference_params)
+    torch.testing.assert_close(jacfwd(module)(x), jacfwd(theirs)(x))
+    cube = lambda f: (lambda x: f(x).pow(3).sum())
+    torch.testing.assert_close(hessian(cube(module))(x), hessian(cube(theirs))(x))
+    params = dict(module.named_parameters())
+    tangents = {k: torch.randn_like(v) for k, v in params.items()}
+    torch.testing.assert_close(jvp(lambda p: functional_call(module, p, (x,)), (params,), (tangents,))[1],
+                               jvp(lambda p: reference(x, p), (reference_params,), (tangents,))[1])
+
+
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("device", DEVICES)
 def test_forward_mode_batch_norm_matches_torch(training, device):
@@ -161,31 +174,17 @@ def test_forward_mode_batch_norm_matches_torch(training, device):
         bn.running_mean.normal_()
         bn.running_var.uniform_(0.5, 2)
     twin = torch_twin(bn)
-    x = torch.randn(4, 3, dtype=D, device=device)
-    torch.testing.assert_close(jacfwd(bn)(x), jacfwd(twin)(x))
-    cube = lambda m: (lambda x: m(x).pow(3).sum())
-    torch.testing.assert_close(hessian(cube(bn))(x), hessian(cube(twin))(x))
-    params = dict(bn.named_parameters())
-    tangents = {k: torch.randn_like(v) for k, v in params.items()}
-    ours = jvp(lambda p: functional_call(bn, p, (x,)), (params,), (tangents,))[1]
-    theirs = jvp(lambda p: functional_call(twin, p, (x,)), (dict(twin.named_parameters()),), (tangents,))[1]
-    torch.testing.assert_close(ours, theirs)
+    assert_forward_mode_matches(bn, lambda x, p: functional_call(twin, p, (x,)), dict(twin.named_parameters()),
+                                torch.randn(4, 3, dtype=D, device=device))
 
 
 @pytest.mark.parametrize("slope", [0.1, 0.0, -0.3])
 @pytest.mark.parametrize("device", DEVICES)
 def test_forward_mode_linear_leaky_relu_matches_torch(slope, device):
     layer = fastbn.nn.LinearLeakyReLU(5, 3, negative_slope=slope, dtype=D, device=device)
-    ref = lambda x, w=layer.weight, b=layer.bias: torch.nn.functional.leaky_relu(torch.nn.functional.linear(x, w, b), slope)
-    x = torch.randn(2, 5, dtype=D, device=device)
-    torch.testing.assert_close(jacfwd(layer)(x), jacfwd(ref)(x))
-    cube = lambda f: (lambda x: f(x).pow(3).sum())
-    torch.testing.assert_close(hessian(cube(layer))(x), hessian(cube(ref))(x))
-    params = dict(layer.named_parameters())
-    tangents = {k: torch.randn_like(v) for k, v in params.items()}
-    ours = jvp(lambda p: functional_call(layer, p, (x,)), (params,), (tangents,))[1]
-    theirs = jvp(lambda p: ref(x, p["weight"], p["bias"]), (params,), (tangents,))[1]
-    torch.testing.assert_close(ours, theirs)
+    reference = lambda x, p: torch.nn.functional.leaky_relu(torch.nn.functional.linear(x, p["weight"], p["bias"]), slope)
+    assert_forward_mode_matches(layer, reference, dict(layer.named_parameters()),
+                                torch.randn(2, 5, dtype=D, device=device))
 
 
 @pytest.mark.parametrize("no_grad", [False, True])
