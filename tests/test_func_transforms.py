@@ -107,9 +107,14 @@ def test_vmap_of_eval_batch_norm_and_per_call_weights(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_vmap_of_training_with_shared_running_stats_is_an_error(device):
+def test_vmap_errors_name_the_problem(device):
+    x = torch.randn(3, 8, 4, device=device)
     with pytest.raises(RuntimeError, match="running stats shared by the batch"):
-        vmap(fastbn.nn.BatchNorm1d(4, device=device))(torch.randn(3, 8, 4, device=device))
+        vmap(fastbn.nn.BatchNorm1d(4, device=device))(x)
+    with pytest.raises(ValueError, match=r"weight of shape \(4,\) in each vmapped call .* got \(5,\)"):
+        vmap(lambda w: F.batch_norm(x[0], None, None, w, None, training=True))(torch.ones(3, 5, device=device))
+    with pytest.raises(ValueError, match=r"each vmapped input to be \(N, C, \*\)"):
+        vmap(lambda v: F.batch_norm(v, None, None, training=True))(torch.randn(3, 4, device=device))
 
 
 @pytest.mark.parametrize("slope", [0.1, 0.0, -0.3])
