@@ -65,7 +65,7 @@ inline void check_batch_norm_args(const char* op, const Tensor& input, const Opt
 }
 
 // How a BatchNorm input is walked. `planar`: (N, C, S) contiguous, each (n, c) a run of S
-// values. Otherwise `rows`: (M, C) with channels innermost (2D input, or channels_last 4D).
+// values. Otherwise `rows`: (M, C) with channels innermost (2D input, or channels_last 4D / 5D).
 struct BatchNormLayout {
   Tensor x;  // dense in the chosen layout (a copy only if the input was neither)
   bool planar;
@@ -77,9 +77,10 @@ struct BatchNormLayout {
 inline BatchNormLayout batch_norm_layout(const Tensor& input) {
   const int64_t N = input.size(0), C = input.size(1);
   const int64_t S = (N * C == 0) ? 0 : input.numel() / (N * C);
-  if (input.dim() == 4 && !input.is_contiguous() &&
-      input.is_contiguous(at::MemoryFormat::ChannelsLast)) {
-    return {input, false, at::MemoryFormat::ChannelsLast, N, C, S};
+  if ((input.dim() == 4 || input.dim() == 5) && !input.is_contiguous()) {
+    const auto channels_last =
+        input.dim() == 4 ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::ChannelsLast3d;
+    if (input.is_contiguous(channels_last)) return {input, false, channels_last, N, C, S};
   }
   return {input.contiguous(), S != 1, at::MemoryFormat::Contiguous, N, C, S};
 }

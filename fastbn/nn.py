@@ -1,4 +1,4 @@
-"""Modules: drop-ins for torch.nn.BatchNorm1d/2d and a fused nn.Linear + nn.LeakyReLU.
+"""Modules: drop-ins for torch.nn.BatchNorm1d/2d/3d and a fused nn.Linear + nn.LeakyReLU.
 
 They subclass the torch modules they replace, so parameters, buffers, state_dict keys,
 initialisation and isinstance checks are torch's; only forward runs fastbn's kernels."""
@@ -34,6 +34,10 @@ class BatchNorm2d(_BatchNormForward, torch.nn.BatchNorm2d):
     """torch.nn.BatchNorm2d on fastbn kernels: input (N, C, H, W), contiguous or channels_last."""
 
 
+class BatchNorm3d(_BatchNormForward, torch.nn.BatchNorm3d):
+    """torch.nn.BatchNorm3d on fastbn kernels: input (N, C, D, H, W), contiguous or channels_last_3d."""
+
+
 class LinearLeakyReLU(torch.nn.Linear):
     """nn.Linear followed by nn.LeakyReLU(negative_slope), fused. Same weight/bias (shape,
     initialisation, state_dict keys) as nn.Linear, so a trained nn.Linear loads into it."""
@@ -50,7 +54,7 @@ class LinearLeakyReLU(torch.nn.Linear):
         return f"{super().extra_repr()}, negative_slope={self.negative_slope}"
 
 
-_SWAPS = {torch.nn.BatchNorm1d: BatchNorm1d, torch.nn.BatchNorm2d: BatchNorm2d}
+_SWAPS = {torch.nn.BatchNorm1d: BatchNorm1d, torch.nn.BatchNorm2d: BatchNorm2d, torch.nn.BatchNorm3d: BatchNorm3d}
 
 
 def _swap(module):
@@ -70,7 +74,7 @@ def _swap(module):
 
 
 def convert(model):
-    """Replace every torch.nn.BatchNorm1d/2d in `model` (in place, and returned) by fastbn's,
+    """Replace every torch.nn.BatchNorm1d/2d/3d in `model` (in place, and returned) by fastbn's,
     carrying parameters, buffers and train/eval mode over. Returns the new module when `model`
     itself is a BatchNorm."""
     swapped = _swap(model)

@@ -16,10 +16,9 @@ def _acc_dtype(dtype):
 
 def _batch_norm_format(input):
     # The layout the kernels keep (csrc/checks.h: batch_norm_layout).
-    if input.dim() == 4 and not input.is_contiguous() and input.is_contiguous(
-        memory_format=torch.channels_last
-    ):
-        return torch.channels_last
+    channels_last = {4: torch.channels_last, 5: torch.channels_last_3d}.get(input.dim())
+    if channels_last is not None and not input.is_contiguous() and input.is_contiguous(memory_format=channels_last):
+        return channels_last
     return torch.contiguous_format
 
 

@@ -26,6 +26,7 @@ SHAPES = [
     (128, 40, 3, 3),   # short planes, threaded: walked as rows of C*S columns on the CPU
     (3, 24, 4, 4),     # 4x4 planes (one AVX-512 vector) at a small batch: walked as planes
     (32, 24, 4, 4),    # the same from N = 32: walked as rows
+    (3, 6, 4, 5, 3),   # (N, C, D, H, W): BatchNorm3d, planar and channels_last_3d
 ]
 
 
@@ -35,11 +36,15 @@ def assert_rel_close(actual, expected, dtype, what, scale=None):
     assert err / scale <= REL[dtype], f"{what}: max error {err:.3g} vs scale {scale:.3g} ({dtype})"
 
 
+def channels_last_format(ndim):
+    return torch.channels_last if ndim == 4 else torch.channels_last_3d
+
+
 def make_case(shape, dtype, device, channels_last=False, affine=True):
     C = shape[1]
     x = (torch.randn(shape, dtype=torch.float64) * 2 + 0.5).to(device=device, dtype=dtype)
     if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=channels_last_format(len(shape)))
     pdtype = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
     w = b = None
     if affine:
@@ -64,7 +69,7 @@ CASES = [
     for dtype in (dtypes_for("cuda") if device == "cuda" else dtypes_for("cpu"))
     for shape in SHAPES
     for training in (True, False)
-    for cl in ((False, True) if len(shape) == 4 else (False,))
+    for cl in ((False, True) if len(shape) >= 4 else (False,))
 ]
 
 
@@ -82,7 +87,7 @@ def test_functional_matches_torch_float64(shape, dtype, device, training, channe
 
     assert y.dtype == dtype and y.shape == x.shape
     if channels_last:
-        assert y.is_contiguous(memory_format=torch.channels_last)
+        assert y.is_contiguous(memory_format=channels_last_format(x.dim()))
     assert torch.isfinite(y).all()
     assert_rel_close(y, y_ref, dtype, "output")
     assert_rel_close(rm, rm_ref, dtype, "running_mean")
@@ -107,15 +112,17 @@ def test_functional_matches_torch_float64(shape, dtype, device, training, channe
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("track", [True, False])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_module_matches_torch_over_steps(device, momentum, affine, track, channels_last):
+@pytest.mark.parametrize("spatial", [(4, 3), (3, 2, 3)])  # BatchNorm2d, BatchNorm3d
+def test_module_matches_torch_over_steps(device, momentum, affine, track, channels_last, spatial):
     kw = dict(momentum=momentum, affine=affine, track_running_stats=track, device=device, dtype=torch.float64)
-    ours, ref = fastbn.nn.BatchNorm2d(6, **kw), torch.nn.BatchNorm2d(6, **kw)
+    kind = "BatchNorm2d" if len(spatial) == 2 else "BatchNorm3d"
+    ours, ref = getattr(fastbn.nn, kind)(6, **kw), getattr(torch.nn, kind)(6, **kw)
     ref.load_state_dict(ours.state_dict())
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    fmt = channels_last_format(2 + len(spatial)) if channels_last else torch.contiguous_format
     for step in range(4):
         ours.train(step < 3)
         ref.train(step < 3)
-        x = (torch.randn(5, 6, 4, 3, dtype=torch.float64, device=device) * (step + 1) + step)
+        x = (torch.randn(5, 6, *spatial, dtype=torch.float64, device=device) * (step + 1) + step)
         x = x.contiguous(memory_format=fmt)
         xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
         ya, yb = ours(xa), ref(xb)
@@ -165,7 +172,8 @@ def test_batchnorm1d_on_3d_input_and_state_dict_both_ways():
 
 def test_convert_swaps_and_keeps_state():
     model = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4),
+        torch.nn.Unflatten(1, (1, 3)), torch.nn.Conv3d(1, 2, 1), torch.nn.BatchNorm3d(2), torch.nn.Flatten(1, 2),
+        torch.nn.Conv2d(6, 4, 3), torch.nn.BatchNorm2d(4),
         torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 5), torch.nn.BatchNorm1d(5)),
     )
     model(torch.randn(8, 3, 8, 8))  # move the running stats away from their init
@@ -173,9 +181,10 @@ def test_convert_swaps_and_keeps_state():
     x = torch.randn(3, 3, 8, 8)
     expected = model(x)
     converted = fastbn.convert(model)
-    assert isinstance(converted[1], fastbn.nn.BatchNorm2d)
-    assert isinstance(converted[2][2], fastbn.nn.BatchNorm1d)
-    assert not converted[1].training
+    assert isinstance(converted[2], fastbn.nn.BatchNorm3d)
+    assert isinstance(converted[5], fastbn.nn.BatchNorm2d)
+    assert isinstance(converted[6][2], fastbn.nn.BatchNorm1d)
+    assert not converted[5].training
     torch.testing.assert_close(converted(x), expected)
     assert isinstance(fastbn.convert(torch.nn.BatchNorm2d(3)), fastbn.nn.BatchNorm2d)
 
@@ -187,7 +196,8 @@ def test_convert_swaps_and_keeps_state():
 @pytest.mark.parametrize(
     "shape,training,channels_last,affine",
     [((6, 3), True, False, True), ((3, 4, 5), True, False, True), ((2, 3, 4, 5), True, True, True),
-     ((2, 3, 4, 5), False, False, True), ((4, 3), True, False, False), ((2, 3, 2, 2), False, True, False)],
+     ((2, 3, 4, 5), False, False, True), ((4, 3), True, False, False), ((2, 3, 2, 2), False, True, False),
+     ((2, 3, 2, 3, 2), True, True, True)],
 )
 def test_gradcheck_and_double_backward_float64(device, shape, training, channels_last, affine):
     # Double backward (create_graph=True: gradient penalties, Hessian-vector products) records the
@@ -226,9 +236,11 @@ def test_compiled_backward_runs_the_kernels():
 def _sample_calls(device):
     x, w, b, rm, rv = make_case((4, 3, 5, 5), torch.float32, device)
     xc, *_ = make_case((4, 3, 5, 5), torch.float32, device, channels_last=True)
+    x5, *_ = make_case((2, 3, 3, 2, 4), torch.float32, device, channels_last=True)
     x1, w1, b1, rm1, rv1 = make_case((8, 5), torch.float64, device)
     out = []
     for args in [(x, w, b, rm, rv, True, 0.1, 1e-5), (xc, w, b, rm, rv, False, 0.1, 1e-5),
+                 (x5, w, b, rm, rv, True, 0.1, 1e-5),
                  (x1, None, None, None, None, True, 0.1, 1e-5), (x1, w1, b1, rm1, rv1, True, 0.3, 1e-3)]:
         out.append((torch.ops.fastbn.batch_norm.default, args))
         _, mean, invstd = torch.ops.fastbn.batch_norm(*[a.clone() if isinstance(a, torch.Tensor) else a for a in args])
