@@ -1,6 +1,6 @@
 """fastbn against PyTorch's builtins: `python -m benchmarks.run [--quick] [--device cuda]`.
 
-Rows: BatchNorm1d/2d (forward, forward+backward, eval; NCHW and channels_last; each dtype) at the
+Rows: BatchNorm1d/2d/3d (forward, forward+backward, eval; contiguous and channels_last; each dtype) at the
 models' shapes, at small batches and over a size sweep; Linear+LeakyReLU at the MLP's shapes and a sweep; the MLP
 and ConvNet training steps end to end (fastbn backend against torch backend). Baselines: torch
 eager, and torch.compile of the same builtin code where marked. Writes a markdown table and PNG
@@ -61,16 +61,15 @@ def shape_name(shape):
 def bn_case(shape, dtype, device, channels_last, mode):
     """(fns, bytes): fastbn and torch BatchNorm on one input; mode is fwd | fwd+bwd | eval."""
     C = shape[1]
-    dims = len(shape)
-    ours = (fastbn.nn.BatchNorm2d if dims == 4 else fastbn.nn.BatchNorm1d)(C, device=device)
-    ref = (torch.nn.BatchNorm2d if dims == 4 else torch.nn.BatchNorm1d)(C, device=device)
+    kind = {4: "BatchNorm2d", 5: "BatchNorm3d"}.get(len(shape), "BatchNorm1d")
+    ours, ref = getattr(fastbn.nn, kind)(C, device=device), getattr(torch.nn, kind)(C, device=device)
     pdtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
     ours.to(pdtype), ref.to(pdtype)
     if mode == "eval":
         ours.eval(), ref.eval()
     x = torch.randn(shape, device=device, dtype=dtype)
     if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
     backward = mode == "fwd+bwd"
     if backward:
         x.requires_grad_()
@@ -200,10 +199,11 @@ def run(args, res):
     # BatchNorm at the models' shapes, then small batches (inference, per-sample steps), where
     # per-channel work rather than memory decides
     bn_shapes = [(8, 16, 8, 8), (16, 32)] if quick else [(128, 64, 32, 32), (32, 256, 8, 8), (32, 64, 32, 32),
-                                                           (32, 512, 2, 2), (200, 1000), (1, 512, 4, 4), (8, 1000)]
+                                                           (32, 512, 2, 2), (200, 1000), (1, 512, 4, 4), (8, 1000),
+                                                           (8, 32, 16, 16, 16)]
     for shape in (s for s in bn_shapes if wanted(shape_name(s))):
         for dtype in dtypes(device, quick, only):
-            for cl in ((False, True) if len(shape) == 4 else (False,)):
+            for cl in ((False, True) if len(shape) >= 4 else (False,)):
                 for mode in ("fwd", "fwd+bwd", "eval"):
                     if dtype != torch.float32 and mode != "fwd+bwd":
                         continue  # other dtypes: the training step only
