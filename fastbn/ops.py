@@ -83,17 +83,19 @@ def _(info, in_dims, input, weight, bias, running_mean, running_var, training, m
     N, C, rest = x.shape[1], x.shape[2], x.shape[3:]
     merged = x.movedim(0, 1).reshape(N, B * C, *rest)
 
-    def per_channel(t, dim, name):  # (B * C,) in the merged channels' order
-        if t is None:
-            return None
-        per_call = tuple(t.shape) if dim is None else tuple(t.shape[:dim] + t.shape[dim + 1:])
-        if per_call != (C,):
+    names = ("weight", "bias", "running_mean", "running_var")
+    for t, dim, name in zip((weight, bias, running_mean, running_var), in_dims[1:5], names):
+        per_call = None if t is None else tuple(t.shape) if dim is None else tuple(t.shape[:dim] + t.shape[dim + 1:])
+        if per_call not in (None, (C,)):
             raise ValueError(f"batch_norm: expected {name} of shape ({C},) in each vmapped call (the input has "
                              f"{C} channels), got {per_call}")
+
+    def per_channel(t, dim):  # (B * C,) in the merged channels' order
+        if t is None:
+            return None
         return t.repeat(B) if dim is None else t.movedim(dim, 0).reshape(B * C)
 
-    weight = per_channel(weight, in_dims[1], "weight")
-    bias = per_channel(bias, in_dims[2], "bias")
+    weight, bias = per_channel(weight, in_dims[1]), per_channel(bias, in_dims[2])
     running = (running_mean, running_var)
     if training and running_mean is not None and running_var is not None:
         if in_dims[3] is None or in_dims[4] is None:
@@ -109,7 +111,7 @@ def _(info, in_dims, input, weight, bias, running_mean, running_var, training, m
             if f.data_ptr() != t.data_ptr():
                 t.copy_(f)
     else:  # eval reads the running stats; training without them has none
-        running = tuple(per_channel(t, d, n) for t, d, n in zip(running, in_dims[3:5], ("running_mean", "running_var")))
+        running = tuple(per_channel(t, d) for t, d in zip(running, in_dims[3:5]))
         out, mean, invstd = _ops.batch_norm(merged, weight, bias, *running, training, momentum, eps)
     out = out.reshape(N, B, C, *rest).movedim(1, 0)
     return (out, mean.view(B, C), invstd.view(B, C)), (0, 0, 0)

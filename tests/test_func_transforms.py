@@ -113,6 +113,9 @@ def test_vmap_errors_name_the_problem(device):
         vmap(fastbn.nn.BatchNorm1d(4, device=device))(x)
     with pytest.raises(ValueError, match=r"weight of shape \(4,\) in each vmapped call .* got \(5,\)"):
         vmap(lambda w: F.batch_norm(x[0], None, None, w, None, training=True))(torch.ones(3, 5, device=device))
+    with pytest.raises(ValueError, match=r"running_mean of shape \(4,\) in each vmapped call .* got \(3,\)"):
+        vmap(lambda m, v: F.batch_norm(x[0], m, v, training=True))(torch.zeros(3, 3, device=device),
+                                                                   torch.ones(3, 3, device=device))
     with pytest.raises(ValueError, match=r"each vmapped input to be \(N, C, \*\)"):
         vmap(lambda v: F.batch_norm(v, None, None, training=True))(torch.randn(3, 4, device=device))
 
