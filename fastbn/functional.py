@@ -31,7 +31,7 @@ def _as_float(op, name, value):
         return float(value)
     except (TypeError, ValueError):
         hint = (" (momentum=None, the cumulative moving average, is an option of the modules: "
-                "fastbn.nn.BatchNorm1d/2d(momentum=None))" if name == "momentum" and value is None else "")
+                "fastbn.nn.BatchNorm1d/2d/3d(momentum=None))" if name == "momentum" and value is None else "")
         raise TypeError(f"{op}: expected {name} to be a float, got {type(value).__name__}{hint}") from None
 
 
