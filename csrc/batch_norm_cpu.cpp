@@ -760,10 +760,10 @@ void grad_input_pass(const BatchNormLayout& L, const T* g, const T* x, T* d, con
                      const std::vector<cpu::acc_t<T>>& a, const std::vector<cpu::acc_t<T>>& b,
                      const std::vector<cpu::acc_t<T>>& c) {
   const auto& k = cpu::kernels_for<T>();
+  const int64_t C = L.C;
   if (short_planes(L)) {
     const BatchNormLayout R = as_rows(L);
     const int64_t S = L.S;
-    const int64_t C = L.C;
     const auto cm = per_column(m.data(), C, S), ca = per_column(a.data(), C, S), cb = per_column(b.data(), C, S),
                cc = per_column(c.data(), C, S);
     for_each_span(R, no_planes, [&](int64_t r0, int64_t nr) {
@@ -772,7 +772,6 @@ void grad_input_pass(const BatchNormLayout& L, const T* g, const T* x, T* d, con
     });
     return;
   }
-  const int64_t C = L.C;
   for_each_span(
       L,
       [&](int64_t off, int64_t runs, int64_t len, int64_t stride, int64_t j) {

@@ -227,18 +227,18 @@ def _batch_norm_jvp(ctx, input_t, weight_t, bias_t):
     dims, shape = _channel_axes(input)
     acc = _acc_dtype(input.dtype)
     x_hat = (input.to(acc) - mean.to(acc).view(shape)) * invstd.to(acc).view(shape)
-    out_t = torch.zeros_like(x_hat)
+    terms = []  # one per tangent given (torch calls jvp only when there is at least one)
     if input_t is not None:
         dx = input_t.to(acc)
         if ctx.training:
             dx = dx - dx.mean(dims, keepdim=True) - x_hat * (dx * x_hat).mean(dims, keepdim=True)
         scale = invstd.to(acc).view(shape) if weight is None else (weight.to(acc) * invstd.to(acc)).view(shape)
-        out_t = out_t + scale * dx
+        terms.append(scale * dx)
     if weight_t is not None:
-        out_t = out_t + weight_t.to(acc).view(shape) * x_hat
+        terms.append(weight_t.to(acc).view(shape) * x_hat)
     if bias_t is not None:
-        out_t = out_t + bias_t.to(acc).view(shape)
-    return out_t.to(input.dtype)
+        terms.append(bias_t.to(acc).view(shape).expand_as(x_hat))
+    return sum(terms[1:], terms[0]).to(input.dtype)
 
 
 def batch_norm_backward_differentiable(grad_output, input, weight, mean, invstd, training, eps):
@@ -341,11 +341,12 @@ def _linear_leaky_relu_backward(ctx, grad_output):
 def _linear_leaky_relu_jvp(ctx, input_t, weight_t, bias_t):
     # forward mode: d(pre) = dx @ W.T + x @ dW.T + db, through the activation's slope
     input, weight, saved = ctx.saved_tensors
-    pre_t = torch.zeros(saved.shape, dtype=saved.dtype, device=saved.device)
+    terms = []  # one per tangent given
     if input_t is not None:
-        pre_t = pre_t + input_t @ weight.t()
+        terms.append(input_t @ weight.t())
     if weight_t is not None:
-        pre_t = pre_t + input @ weight_t.t()
+        terms.append(input @ weight_t.t())
     if bias_t is not None:
-        pre_t = pre_t + bias_t
+        terms.append(bias_t.expand_as(saved))
+    pre_t = sum(terms[1:], terms[0])
     return torch.where(saved > 0, pre_t, pre_t * ctx.negative_slope)
