@@ -2,7 +2,7 @@
 import torch
 from torch.autograd import forward_ad
 
-from fastbn.ops import (BatchNormFunction, BatchNormTransformFunction, LinearLeakyReLUFunction,
+from fastbn.ops import (BatchNormTransformFunction, LinearLeakyReLUFunction,
                         LinearLeakyReLUTransformFunction, batch_norm_op, linear_leaky_relu_forward)
 
 
@@ -49,9 +49,7 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     args = (input, weight, bias, running_mean, running_var, bool(training), momentum, eps)
     if _in_transform():
         return BatchNormTransformFunction.apply(*args)[0]
-    if _records_graph(input, weight, bias):
-        return BatchNormFunction.apply(*args)
-    return batch_norm_op(*args)[0]
+    return batch_norm_op(*args)[0]  # its autograd is the C++ node of csrc/batch_norm_autograd.cpp
 
 
 def linear_leaky_relu(input, weight, bias=None, negative_slope=0.01):
