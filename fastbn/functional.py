@@ -2,28 +2,18 @@
 import torch
 from torch.autograd import forward_ad
 
-from fastbn.ops import (BatchNormTransformFunction, LinearLeakyReLUFunction,
-                        LinearLeakyReLUTransformFunction, batch_norm_op, linear_leaky_relu_forward)
+from fastbn.ops import (BatchNormTransformFunction, LinearLeakyReLUTransformFunction, batch_norm_op,
+                        linear_leaky_relu_op)
 
 
 def _in_transform():
     # Inside torch.func transforms (grad, vmap, jacrev, jvp, ...) or a forward-mode dual level
-    # the autograd Functions must take the form those require (ops.BatchNormTransformFunction).
-    # Never while torch.compile traces.
+    # the autograd must be a Python Function in the form those require (ops.*TransformFunction),
+    # with the forward-mode rule the ops' C++ autograd nodes cannot have. Never while
+    # torch.compile traces.
     if torch.compiler.is_compiling():
         return False
     return torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0
-
-
-def _records_graph(input, weight, bias):
-    # Without a graph to record (inference, no_grad) the ops are called directly: an
-    # autograd.Function would build a node that nothing uses, which costs more than the op at
-    # small sizes.
-    return torch.is_grad_enabled() and (_requires_grad(input) or _requires_grad(weight) or _requires_grad(bias))
-
-
-def _requires_grad(t):
-    return isinstance(t, torch.Tensor) and t.requires_grad
 
 
 def _as_float(op, name, value):
@@ -68,6 +58,4 @@ def linear_leaky_relu(input, weight, bias=None, negative_slope=0.01):
         bias = bias.to(dtype) if bias is not None else None
     if _in_transform():
         return LinearLeakyReLUTransformFunction.apply(input, weight, bias, negative_slope)[0]
-    if _records_graph(input, weight, bias):
-        return LinearLeakyReLUFunction.apply(input, weight, bias, negative_slope)
-    return linear_leaky_relu_forward(input, weight, bias, negative_slope)[0]
+    return linear_leaky_relu_op(input, weight, bias, negative_slope)  # autograd: csrc/linear_leaky_relu_autograd.cpp

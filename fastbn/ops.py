@@ -1,14 +1,15 @@
 """torch.library glue for the ops declared in csrc/ops.cpp: fake (meta) kernels, so that
 torch.compile and FakeTensor can trace them; vmap rules, so that torch.func.vmap batches them;
-and the Python autograd Functions: the fused Linear's, and BatchNorm's for torch.func and
-forward-mode AD (everywhere else BatchNorm's autograd is the C++ node registered in
-csrc/batch_norm_autograd.cpp). Users call fastbn.functional / fastbn.nn, not this module."""
+and the autograd Functions for torch.func and forward-mode AD. Everywhere else each op's
+autograd is the C++ node registered as its Autograd kernel (csrc/*_autograd.cpp), whose backward
+the Functions here share. Users call fastbn.functional / fastbn.nn, not this module."""
 import torch
 
-from fastbn import _C  # loads the schemas and BatchNorm's autograd
+from fastbn import _C  # loads the schemas and the ops' autograd
 
 _ops = torch.ops.fastbn
 batch_norm_op = _ops.batch_norm.default  # (out, mean, invstd); running stats updated in training
+linear_leaky_relu_op = _ops.linear_leaky_relu.default
 
 
 def _acc_dtype(dtype):
@@ -207,7 +208,8 @@ def _batch_norm_jvp(ctx, input_t, weight_t, bias_t):
 
 
 def linear_leaky_relu_forward(input, weight, bias, negative_slope):
-    """(out, what the backward keeps): the output itself for slope >= 0, else the pre-activation."""
+    """(out, what the backward keeps): the output itself for slope >= 0, else the pre-activation
+    (what the C++ node's forward does too)."""
     if negative_slope >= 0:
         out = _ops.linear_leaky_relu(input, weight, bias, negative_slope)
         return out, out
@@ -215,24 +217,8 @@ def linear_leaky_relu_forward(input, weight, bias, negative_slope):
     return torch.nn.functional.leaky_relu(pre, negative_slope), pre
 
 
-class LinearLeakyReLUFunction(torch.autograd.Function):
-    """y = leaky_relu(x @ W.T + b). For slope >= 0 the output's sign is the pre-activation's,
-    so the output is all the backward keeps; a negative slope keeps the pre-activation."""
-
-    @staticmethod
-    def forward(ctx, input, weight, bias, negative_slope):
-        out, saved = linear_leaky_relu_forward(input, weight, bias, negative_slope)
-        ctx.save_for_backward(input, weight, saved)
-        ctx.negative_slope = negative_slope
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        return _linear_leaky_relu_backward(ctx, grad_output)
-
-
 class LinearLeakyReLUTransformFunction(torch.autograd.Function):
-    """LinearLeakyReLUFunction in the form torch.func's transforms require (see
+    """The fused Linear's autograd in the form torch.func's transforms require (see
     BatchNormTransformFunction). A negative slope returns the pre-activation as a second,
     non-differentiable output: setup_context sees only inputs and outputs."""
 
@@ -263,21 +249,11 @@ class LinearLeakyReLUTransformFunction(torch.autograd.Function):
 
 
 def _linear_leaky_relu_backward(ctx, grad_output):
+    # The C++ node's backward (csrc/linear_leaky_relu_autograd.cpp), as for BatchNorm.
     input, weight, saved = ctx.saved_tensors
-    need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
-    if torch.is_grad_enabled():  # create_graph=True: the same maths in torch ops, so that it is recorded
-        grad_pre = torch.where(saved > 0, grad_output, grad_output * ctx.negative_slope)
-        grad_pre = grad_pre.reshape(-1, weight.shape[0])
-        grad_bias = grad_pre.sum(0)
-    else:
-        grad_pre, grad_bias = _ops.leaky_relu_backward_bias(grad_output, saved, ctx.negative_slope)
-        grad_pre = grad_pre.reshape(-1, weight.shape[0])
-    grad_input = grad_weight = None
-    if need_input:
-        grad_input = (grad_pre @ weight).view(input.shape)
-    if need_weight:
-        grad_weight = grad_pre.t() @ input.reshape(-1, weight.shape[1])
-    return grad_input, grad_weight, grad_bias if need_bias else None, None
+    grads = _C.linear_leaky_relu_grads(grad_output, input, weight, saved, ctx.negative_slope,
+                                       ctx.needs_input_grad[:3])
+    return (*grads, None)
 
 
 def _linear_leaky_relu_jvp(ctx, input_t, weight_t, bias_t):
