@@ -1,14 +1,10 @@
 // The fastbn operator schemas (declared once, for every backend) and the Python module that
 // reports what this build contains. Kernels: batch_norm_cpu.cpp, linear_leaky_relu_cpu.cpp,
-// cuda/*.cu; autograd (C++ nodes, the ops' Autograd kernels): batch_norm_autograd.cpp,
-// linear_leaky_relu_autograd.cpp; fake (meta) kernels, vmap rules and the autograd Functions for
-// torch.func: fastbn/ops.py.
+// cuda/*.cu; autograd and fake (meta) kernels: fastbn/ops.py.
 #include <torch/extension.h>
 
-#include "batch_norm_autograd.h"
 #include "cpu/kernels.h"
 #include "cpu/output_allocator.h"
-#include "linear_leaky_relu_autograd.h"
 
 TORCH_LIBRARY(fastbn, m) {
   // Forward of BatchNorm. Returns (output, save_mean, save_invstd); in training the batch
@@ -108,10 +104,4 @@ PYBIND11_MODULE(_C, mod) {
     return std::make_tuple(s.cached_bytes, s.hits, s.misses);
   }, "(cached bytes, hits, misses) of the cache of large CPU outputs");
   mod.def("empty_cpu_cache", &fastbn::cpu::empty_cache, "Return the cached CPU output blocks to the system");
-  mod.def("batch_norm_grads", &fastbn::batch_norm_grads,
-          "(grad_input, grad_weight, grad_bias) of fastbn::batch_norm, None where not needed "
-          "(grad_output, input, weight, mean, invstd, training, eps, (need_input, need_weight, need_bias))");
-  mod.def("linear_leaky_relu_grads", &fastbn::linear_leaky_relu_grads,
-          "(grad_input, grad_weight, grad_bias) of fastbn::linear_leaky_relu, None where not needed "
-          "(grad_output, input, weight, saved, negative_slope, (need_input, need_weight, need_bias))");
 }

@@ -2,18 +2,28 @@
 import torch
 from torch.autograd import forward_ad
 
-from fastbn.ops import (BatchNormTransformFunction, LinearLeakyReLUTransformFunction, batch_norm_op,
-                        linear_leaky_relu_op)
+from fastbn.ops import (BatchNormFunction, BatchNormTransformFunction, LinearLeakyReLUFunction,
+                        LinearLeakyReLUTransformFunction, batch_norm_op, linear_leaky_relu_forward)
 
 
 def _in_transform():
     # Inside torch.func transforms (grad, vmap, jacrev, jvp, ...) or a forward-mode dual level
-    # the autograd must be a Python Function in the form those require (ops.*TransformFunction),
-    # with the forward-mode rule the ops' C++ autograd nodes cannot have. Never while
-    # torch.compile traces.
+    # the autograd Functions must take the form those require (ops.BatchNormTransformFunction).
+    # Never while torch.compile traces.
     if torch.compiler.is_compiling():
         return False
     return torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0
+
+
+def _records_graph(input, weight, bias):
+    # Without a graph to record (inference, no_grad) the ops are called directly: an
+    # autograd.Function would build a node that nothing uses, which costs more than the op at
+    # small sizes.
+    return torch.is_grad_enabled() and (_requires_grad(input) or _requires_grad(weight) or _requires_grad(bias))
+
+
+def _requires_grad(t):
+    return isinstance(t, torch.Tensor) and t.requires_grad
 
 
 def _as_float(op, name, value):
@@ -36,10 +46,17 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"batch_norm: expected input to be a Tensor, got {type(input).__name__}")
     momentum, eps = _as_float("batch_norm", "momentum", momentum), _as_float("batch_norm", "eps", eps)
+    if torch.is_grad_enabled() and (_requires_grad(running_mean) or _requires_grad(running_var)):
+        # as torch: autograd would otherwise see a leaf that requires grad updated in place
+        raise RuntimeError("batch_norm: running_mean and running_var must not require grad (they are buffers, "
+                           "updated in place in training, not differentiated); got requires_grad="
+                           f"{_requires_grad(running_mean)} and {_requires_grad(running_var)}")
     args = (input, weight, bias, running_mean, running_var, bool(training), momentum, eps)
     if _in_transform():
         return BatchNormTransformFunction.apply(*args)[0]
-    return batch_norm_op(*args)[0]  # its autograd is the C++ node of csrc/batch_norm_autograd.cpp
+    if _records_graph(input, weight, bias):
+        return BatchNormFunction.apply(*args)
+    return batch_norm_op(*args)[0]
 
 
 def linear_leaky_relu(input, weight, bias=None, negative_slope=0.01):
@@ -58,4 +75,6 @@ def linear_leaky_relu(input, weight, bias=None, negative_slope=0.01):
         bias = bias.to(dtype) if bias is not None else None
     if _in_transform():
         return LinearLeakyReLUTransformFunction.apply(input, weight, bias, negative_slope)[0]
-    return linear_leaky_relu_op(input, weight, bias, negative_slope)  # autograd: csrc/linear_leaky_relu_autograd.cpp
+    if _records_graph(input, weight, bias):
+        return LinearLeakyReLUFunction.apply(input, weight, bias, negative_slope)
+    return linear_leaky_relu_forward(input, weight, bias, negative_slope)[0]

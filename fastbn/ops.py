@@ -1,15 +1,13 @@
 """torch.library glue for the ops declared in csrc/ops.cpp: fake (meta) kernels, so that
 torch.compile and FakeTensor can trace them; vmap rules, so that torch.func.vmap batches them;
-and the autograd Functions for torch.func and forward-mode AD. Everywhere else each op's
-autograd is the C++ node registered as its Autograd kernel (csrc/*_autograd.cpp), whose backward
-the Functions here share. Users call fastbn.functional / fastbn.nn, not this module."""
+and the autograd Functions that pair each forward op with its backward ops. Users call
+fastbn.functional / fastbn.nn, not this module."""
 import torch
 
-from fastbn import _C  # loads the schemas and the ops' autograd
+from fastbn import _C  # noqa: F401  (loads the schemas)
 
 _ops = torch.ops.fastbn
 batch_norm_op = _ops.batch_norm.default  # (out, mean, invstd); running stats updated in training
-linear_leaky_relu_op = _ops.linear_leaky_relu.default
 
 
 def _acc_dtype(dtype):
@@ -137,14 +135,33 @@ def _(info, in_dims, input, weight, bias, negative_slope):
 # ---- autograd --------------------------------------------------------------------------------
 
 
+class BatchNormFunction(torch.autograd.Function):
+    """y = (x - mean) * invstd * weight + bias, with the backward of the study's section 3.2:
+    dx = weight * invstd * (dy - mean(dy) - x_hat * mean(dy * x_hat))."""
+
+    # forward(ctx, ...) rather than forward + setup_context: apply() then skips binding the
+    # arguments with inspect.signature, which costs more than the op at MLP sizes.
+    @staticmethod
+    def forward(ctx, input, weight, bias, running_mean, running_var, training, momentum, eps):
+        out, mean, invstd = batch_norm_op(input, weight, bias, running_mean, running_var, training, momentum, eps)
+        # mean and invstd are saved, not returned: fewer outputs for autograd to wrap per call
+        ctx.save_for_backward(input, weight, mean, invstd)
+        ctx.training = training
+        ctx.eps = eps
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return _batch_norm_backward(ctx, grad_output)
+
+
 class BatchNormTransformFunction(torch.autograd.Function):
-    """BatchNorm's autograd in the form torch.func's transforms require (forward without ctx, then
+    """BatchNormFunction in the form torch.func's transforms require (forward without ctx, then
     setup_context; a vmap rule generated from the ops' own), with a forward-mode rule (jvp) for
-    jvp/jacfwd/hessian and torch.autograd.forward_ad, which the C++ node of
-    csrc/batch_norm_autograd.cpp cannot have. The backward is that node's. Not the default: a
-    Python Function costs ~50 us per training step more than the C++ node, and torch.compile cannot
-    trace a Function with a jvp. fastbn.functional uses it only while a transform or a dual level
-    is active."""
+    jvp/jacfwd/hessian and torch.autograd.forward_ad. Not the default: its apply() costs ~50 us
+    more (torch binds the arguments with inspect.signature), and torch.compile cannot trace a
+    Function with a jvp. fastbn.functional uses it only while a transform or a dual level is
+    active."""
 
     generate_vmap_rule = True
 
@@ -172,12 +189,29 @@ class BatchNormTransformFunction(torch.autograd.Function):
 
 
 def _batch_norm_backward(ctx, grad_output):
-    # The C++ node's backward (csrc/batch_norm_autograd.cpp): under torch.func, with grad mode on,
-    # in ATen ops that the transforms record; otherwise in the kernels.
     input, weight, mean, invstd = ctx.saved_tensors
-    grads = _C.batch_norm_grads(grad_output, input, weight, mean, invstd, ctx.training, ctx.eps,
-                                ctx.needs_input_grad[:3])
-    return (*grads, None, None, None, None, None)
+    need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+    if torch.is_grad_enabled():  # create_graph=True: the gradients must be differentiable too
+        grads = batch_norm_backward_differentiable(grad_output, input, weight, mean, invstd, ctx.training, ctx.eps)
+        return tuple(g if need else None for g, need in zip(grads, (need_input, need_weight, need_bias))) + (
+            None, None, None, None, None)
+    grad_input = grad_weight = grad_bias = None
+    sum_dy = sum_dy_xmu = None
+    if ctx.training and need_input:  # the common case: every gradient, in one fused op
+        grad_input, grad_weight, grad_bias = _ops.batch_norm_backward(grad_output, input, mean, invstd, weight)
+        return (grad_input, grad_weight if need_weight else None, grad_bias if need_bias else None,
+                None, None, None, None, None)
+    if need_weight or need_bias or (need_input and ctx.training):
+        sum_dy, sum_dy_xmu, grad_weight, grad_bias = _ops.batch_norm_backward_reduce(
+            grad_output, input, mean, invstd, weight
+        )
+    if need_input:
+        grad_input = _ops.batch_norm_backward_input(
+            grad_output, input, mean, invstd, weight,
+            sum_dy if ctx.training else None, sum_dy_xmu if ctx.training else None,
+        )
+    return (grad_input, grad_weight if need_weight else None, grad_bias if need_bias else None,
+            None, None, None, None, None)
 
 
 def _channel_axes(input):
@@ -207,9 +241,31 @@ def _batch_norm_jvp(ctx, input_t, weight_t, bias_t):
     return sum(terms[1:], terms[0]).to(input.dtype)
 
 
+def batch_norm_backward_differentiable(grad_output, input, weight, mean, invstd, training, eps):
+    """(grad_input, grad_weight, grad_bias) in torch ops, for double backward (create_graph=True),
+    which the kernels do not record. The maths of batch_norm_backward, with the batch statistics
+    recomputed from the input so that their own dependence on it is differentiated too (the saved
+    mean and invstd are the kernels' outputs, constants to autograd)."""
+    dims, shape = _channel_axes(input)
+    acc = _acc_dtype(input.dtype)
+    x, dy = input.to(acc), grad_output.to(acc)
+    if training:
+        mean = x.mean(dims, keepdim=True)
+        invstd = torch.rsqrt(x.var(dims, correction=0, keepdim=True) + eps)
+    else:  # eval: the running statistics, constants
+        mean, invstd = mean.to(acc).view(shape), invstd.to(acc).view(shape)
+    x_hat = (x - mean) * invstd
+    scale = invstd if weight is None else weight.to(acc).view(shape) * invstd
+    if training:
+        grad_input = scale * (dy - dy.mean(dims, keepdim=True) - x_hat * (dy * x_hat).mean(dims, keepdim=True))
+    else:
+        grad_input = scale * dy
+    param_dtype = acc if weight is None else weight.dtype
+    return (grad_input.to(input.dtype), (dy * x_hat).sum(dims).to(param_dtype), dy.sum(dims).to(param_dtype))
+
+
 def linear_leaky_relu_forward(input, weight, bias, negative_slope):
-    """(out, what the backward keeps): the output itself for slope >= 0, else the pre-activation
-    (what the C++ node's forward does too)."""
+    """(out, what the backward keeps): the output itself for slope >= 0, else the pre-activation."""
     if negative_slope >= 0:
         out = _ops.linear_leaky_relu(input, weight, bias, negative_slope)
         return out, out
@@ -217,8 +273,24 @@ def linear_leaky_relu_forward(input, weight, bias, negative_slope):
     return torch.nn.functional.leaky_relu(pre, negative_slope), pre
 
 
+class LinearLeakyReLUFunction(torch.autograd.Function):
+    """y = leaky_relu(x @ W.T + b). For slope >= 0 the output's sign is the pre-activation's,
+    so the output is all the backward keeps; a negative slope keeps the pre-activation."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, negative_slope):
+        out, saved = linear_leaky_relu_forward(input, weight, bias, negative_slope)
+        ctx.save_for_backward(input, weight, saved)
+        ctx.negative_slope = negative_slope
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return _linear_leaky_relu_backward(ctx, grad_output)
+
+
 class LinearLeakyReLUTransformFunction(torch.autograd.Function):
-    """The fused Linear's autograd in the form torch.func's transforms require (see
+    """LinearLeakyReLUFunction in the form torch.func's transforms require (see
     BatchNormTransformFunction). A negative slope returns the pre-activation as a second,
     non-differentiable output: setup_context sees only inputs and outputs."""
 
@@ -249,11 +321,21 @@ class LinearLeakyReLUTransformFunction(torch.autograd.Function):
 
 
 def _linear_leaky_relu_backward(ctx, grad_output):
-    # The C++ node's backward (csrc/linear_leaky_relu_autograd.cpp), as for BatchNorm.
     input, weight, saved = ctx.saved_tensors
-    grads = _C.linear_leaky_relu_grads(grad_output, input, weight, saved, ctx.negative_slope,
-                                       ctx.needs_input_grad[:3])
-    return (*grads, None)
+    need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+    if torch.is_grad_enabled():  # create_graph=True: the same maths in torch ops, so that it is recorded
+        grad_pre = torch.where(saved > 0, grad_output, grad_output * ctx.negative_slope)
+        grad_pre = grad_pre.reshape(-1, weight.shape[0])
+        grad_bias = grad_pre.sum(0)
+    else:
+        grad_pre, grad_bias = _ops.leaky_relu_backward_bias(grad_output, saved, ctx.negative_slope)
+        grad_pre = grad_pre.reshape(-1, weight.shape[0])
+    grad_input = grad_weight = None
+    if need_input:
+        grad_input = (grad_pre @ weight).view(input.shape)
+    if need_weight:
+        grad_weight = grad_pre.t() @ input.reshape(-1, weight.shape[1])
+    return grad_input, grad_weight, grad_bias if need_bias else None, None
 
 
 def _linear_leaky_relu_jvp(ctx, input_t, weight_t, bias_t):

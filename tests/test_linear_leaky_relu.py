@@ -114,7 +114,7 @@ def test_skips_unrequested_gradients(device):
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("wanted", ["x", "weight", "bias", "x+bias", "weight+bias", "x+weight+bias"])
 def test_only_the_gradients_asked_for(device, slope, bias, wanted):
-    # Each combination through the C++ autograd node, against torch in float64
+    # Each combination of gradients asked for, with and without bias, against torch in float64
     x = torch.randn(3, 7, 5, dtype=torch.float64, device=device)
     w, b = torch.randn(4, 5, dtype=torch.float64, device=device), torch.randn(4, dtype=torch.float64, device=device)
 
@@ -135,15 +135,10 @@ def test_only_the_gradients_asked_for(device, slope, bias, wanted):
             assert_rel(ours[name], ref[name], torch.float64, name, ref[name].abs().max().item())
 
 
-def test_grad_fn_is_the_cpp_node():
-    y = fastbn.nn.LinearLeakyReLU(5, 3)(torch.randn(4, 5))
-    assert y.grad_fn.name().startswith("torch::autograd::CppNode<fastbn::")
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("slope", [0.02, -0.5])
 def test_no_grad_path_matches_autograd_path(device, slope):
-    # Without a graph to record (no_grad) the autograd node does not record: the same output.
+    # Without a graph to record the op is called directly (no autograd node): same output.
     x = torch.randn(9, 5, device=device)
     w, b = torch.randn(4, 5, device=device), torch.randn(4, device=device)
     with torch.no_grad():
