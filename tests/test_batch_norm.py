@@ -182,6 +182,25 @@ def test_only_the_gradients_asked_for(device, training, given, wanted):
             assert_rel_close(ours[name], ref[name], torch.float64, name)
 
 
+def test_parametrized_weight_is_used():
+    # The modules read parameters and buffers from nn.Module's dicts (cheaper than its
+    # __getattr__); a parametrized weight is a property instead, and must still be the one used.
+    from torch.nn.utils import parametrize
+
+    class Double(torch.nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    x = torch.randn(6, 3, dtype=torch.float64)
+    outs = []
+    for cls in (torch.nn.BatchNorm1d, fastbn.nn.BatchNorm1d):
+        m = cls(3, dtype=torch.float64)
+        torch.nn.init.uniform_(m.weight, 0.5, 1.5, generator=torch.Generator().manual_seed(0))
+        parametrize.register_parametrization(m, "weight", Double())
+        outs.append(m(x))
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-12, atol=1e-12)
+
+
 def test_batchnorm1d_on_3d_input_and_state_dict_both_ways():
     ref = torch.nn.BatchNorm1d(7)
     ref(torch.randn(4, 7, 5))  # some running stats
