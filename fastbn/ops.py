@@ -324,12 +324,11 @@ def _linear_leaky_relu_backward(ctx, grad_output):
     input, weight, saved = ctx.saved_tensors
     need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
     if torch.is_grad_enabled():  # create_graph=True: the same maths in torch ops, so that it is recorded
-        grad_pre = torch.where(saved > 0, grad_output, grad_output * ctx.negative_slope)
-        grad_pre = grad_pre.reshape(-1, weight.shape[0])
-        grad_bias = grad_pre.sum(0)
+        grad_pre = _through_activation(grad_output, saved, ctx.negative_slope)
+        grad_bias = grad_pre.reshape(-1, weight.shape[0]).sum(0)
     else:
         grad_pre, grad_bias = _ops.leaky_relu_backward_bias(grad_output, saved, ctx.negative_slope)
-        grad_pre = grad_pre.reshape(-1, weight.shape[0])
+    grad_pre = grad_pre.reshape(-1, weight.shape[0])
     grad_input = grad_weight = None
     if need_input:
         grad_input = (grad_pre @ weight).view(input.shape)
@@ -348,5 +347,9 @@ def _linear_leaky_relu_jvp(ctx, input_t, weight_t, bias_t):
         terms.append(input @ weight_t.t())
     if bias_t is not None:
         terms.append(bias_t.expand_as(saved))
-    pre_t = sum(terms[1:], terms[0])
-    return torch.where(saved > 0, pre_t, pre_t * ctx.negative_slope)
+    return _through_activation(sum(terms[1:], terms[0]), saved, ctx.negative_slope)
+
+
+def _through_activation(t, saved, negative_slope):
+    # t times LeakyReLU's derivative at the pre-activation, whose sign `saved` has
+    return torch.where(saved > 0, t, t * negative_slope)
