@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on a machine with an NVIDIA GPU: build fastbn for that GPU, run the whole test suite
-# (CUDA tests included), the benchmarks, a per-kernel profile, compute-sanitizer memcheck over a
-# slice of the CUDA tests, and CUDA training runs on synthetic data. Each step has its own time
+# (CUDA tests included), the benchmarks, a per-kernel profile, the fused kernels against the split
+# ones, compute-sanitizer memcheck and racecheck over a slice of the CUDA tests, and CUDA
+# training runs on synthetic data. Each step has its own time
 # limit, so that one slow step cannot eat the others. Writes at most 8 files to $OUT (default
 # ./gpu-results): summary.md, build.log, tests.log, bench.log, the benchmark table and plot,
 # profile.log, extra.log. Needs python3 with torch (CUDA), pytest, matplotlib, tqdm; nvcc.
@@ -9,7 +10,8 @@
 #   TEST_K="cuda and not bad_input" BENCH_ARGS="--dtypes float32,bfloat16 --rounds 3 --min-run-time 0.03 --compile 0" \
 #     BENCH_LIMIT=150 TRAIN=0 bash benchmarks/gpu_check.sh     # what fit a 15-minute lease: 4.5 min
 # Environment: TEST_K (a pytest -k selection; default: the whole suite), BENCH_ARGS (default
-# "--rounds 3 --min-run-time 0.05 --compile 0"), BENCH_LIMIT (s, default 240), TRAIN=0 skips the
+# "--rounds 3 --min-run-time 0.05 --compile 0"), BENCH_LIMIT (s, default 240), MEMCHECK_TESTS
+# (the -k terms of the tests memcheck runs), RACECHECK=0 skips racecheck, TRAIN=0 skips the
 # training runs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -56,10 +58,24 @@ xdist=""; $PY -c "import xdist" 2>/dev/null && xdist="-n 8"
 step "tests (${TEST_K:-all, CUDA included})" tests.log 240 $PY -m pytest -q -rs --tb=short $xdist tests -p no:cacheprovider ${TEST_K:+-k "$TEST_K"}
 step benchmarks bench.log "${BENCH_LIMIT:-240}" $PY -m benchmarks.run --device cuda --out "$OUT" ${BENCH_ARGS:---rounds 3 --min-run-time 0.05 --compile 0}
 step "kernel profile" profile.log 90 $PY -m benchmarks.profile_kernels
-step "compute-sanitizer memcheck (CUDA tests: gradcheck, edge cases)" extra.log 90 \
+step "fused kernels against the split ones" profile.log 90 $PY -m benchmarks.fused_threshold
+memcheck_tests="${MEMCHECK_TESTS:-gradcheck or empty or constant or large_mean or fused_backward}"
+step "compute-sanitizer memcheck (CUDA tests: $memcheck_tests)" extra.log 120 \
   compute-sanitizer --tool memcheck --error-exitcode 1 --target-processes all \
   $PY -m pytest -q -x tests/test_batch_norm.py tests/test_linear_leaky_relu.py -p no:cacheprovider \
-  -k "cuda and (gradcheck or empty or constant or large_mean or fused_backward)"
+  -k "cuda and ($memcheck_tests)"
+if [ "${RACECHECK:-1}" = 1 ]; then
+step "compute-sanitizer racecheck (fused kernels' shared memory)" extra.log 60 \
+  compute-sanitizer --tool racecheck --error-exitcode 1 --target-processes all \
+  $PY -m pytest -q -x tests/test_batch_norm.py -p no:cacheprovider -k "cuda and fused_backward"
+fi
+if [ -n "${TEST_K:-}" ]; then  # the bad-input tests alone, in one process (a crash there is a finding)
+step "bad-input tests (one process)" tests.log 60 $PY -m pytest -q --tb=short tests -p no:cacheprovider -k bad_input
+step "toolchain (what the bad-input crash may depend on)" extra.log 30 bash -c "
+  ls /opt/gcc/bin /usr/bin 2>/dev/null | grep -E '^(g[+][+]|gcc|c[+][+])' | sort -u | tr '\\n' ' '; echo
+  ldd fastbn/_C*.so | grep -E 'stdc|gcc_s|libc[.]'
+  $PY -c 'import torch; print(torch.__config__.show())' | head -4"
+fi
 if [ "${TRAIN:-1}" = 1 ]; then
 step "train steps (synthetic CIFAR-shaped data)" extra.log 120 bash -c "
   $PY -m fastbn.train cnn --device cuda --synthetic 20000 --max_steps 300 --eval_freq 300 --amp none --quiet --out /tmp/cnn-fastbn &&

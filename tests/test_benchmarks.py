@@ -1,6 +1,7 @@
 """The benchmark harness: its arithmetic, and a --quick run on tiny sizes (no timing assertions)."""
 import argparse
 
+import pytest
 import torch
 
 from benchmarks.harness import batch_norm_bytes, linear_flops, round_ratios
@@ -62,3 +63,13 @@ def test_a_second_run_the_same_day_keeps_the_first_runs_file(tmp_path):
     first.write_text("first run")
     second = run.write_results(res, args)
     assert second != first and second.name.endswith("-run2.md") and first.read_text() == "first run"
+
+
+def test_fused_threshold_shapes_straddle_the_limit_and_it_needs_cuda():
+    from benchmarks import fused_threshold
+
+    per_channel = [torch.Size(shape).numel() // shape[1] for shape, _ in fused_threshold.SHAPES]
+    assert min(per_channel) < 32 * 256 < max(per_channel)  # the CUDA fused kernels' limit (kFusedValues)
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="needs CUDA"):
+            fused_threshold.main([])

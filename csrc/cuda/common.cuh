@@ -3,8 +3,10 @@
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <initializer_list>
 
@@ -42,6 +44,22 @@ inline unsigned grid_for(int64_t n, int threads) {
 }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Blocks of `threads` threads of KERNEL that the whole GPU keeps resident at once (one wave),
+// asked of the occupancy calculator once per device.
+template <auto KERNEL>
+int64_t resident_blocks(int threads) {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> per_sm[kMaxDevices];  // 0: not asked yet
+  const int device = c10::cuda::current_device();
+  int n = device < kMaxDevices ? per_sm[device].load(std::memory_order_relaxed) : 0;
+  if (n == 0) {
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, KERNEL, threads, 0));
+    n = std::max(n, 1);
+    if (device < kMaxDevices) per_sm[device].store(n, std::memory_order_relaxed);
+  }
+  return int64_t(n) * num_sms();
+}
 
 }  // namespace cuda
 }  // namespace fastbn
