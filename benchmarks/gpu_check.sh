@@ -73,7 +73,8 @@ if [ -n "${TEST_K:-}" ]; then  # the bad-input tests alone, in one process (a cr
 step "bad-input tests (one process)" tests.log 60 $PY -m pytest -q --tb=short tests -p no:cacheprovider -k bad_input
 step "toolchain (what the bad-input crash may depend on)" extra.log 30 bash -c "
   ls /opt/gcc/bin /usr/bin 2>/dev/null | grep -E '^(g[+][+]|gcc|c[+][+])' | sort -u | tr '\\n' ' '; echo
-  ldd fastbn/_C*.so | grep -E 'stdc|gcc_s|libc[.]'
+  ldd fastbn/_C*.so | grep -E 'stdc|gcc_s|libc[.]'; readelf -d fastbn/_C*.so | grep NEEDED
+  command -v g++; file -L \$(command -v g++); head -c 400 /opt/gcc/bin/g++ 2>/dev/null | strings | head -5
   $PY -c 'import torch; print(torch.__config__.show())' | head -4"
 fi
 if [ "${TRAIN:-1}" = 1 ]; then
