@@ -1,18 +1,17 @@
 #!/usr/bin/env bash
 # One call on a machine with an NVIDIA GPU: build fastbn for that GPU, run the whole test suite
 # (CUDA tests included), the benchmarks, a per-kernel profile, the fused kernels against the split
-# ones, compute-sanitizer memcheck and racecheck over a slice of the CUDA tests, and CUDA
-# training runs on synthetic data. Each step has its own time
-# limit, so that one slow step cannot eat the others. Writes at most 8 files to $OUT (default
-# ./gpu-results): summary.md, build.log, tests.log, bench.log, the benchmark table and plot,
+# ones, Nsight Compute counters of one training step's kernels, compute-sanitizer memcheck and
+# racecheck over a slice of the CUDA tests, and CUDA training runs on synthetic data. Each step has
+# its own time limit, so that one slow step cannot eat the others. Writes at most 8 files to $OUT
+# (default ./gpu-results): summary.md, build.log, tests.log, bench.log, the benchmark table and plot,
 # profile.log, extra.log. Needs python3 with torch (CUDA), pytest, matplotlib, tqdm; nvcc.
 #   bash benchmarks/gpu_check.sh      # over 8 min on an H100 (the benchmark alone ~4 min);
-#   TEST_K="cuda and not bad_input" BENCH_ARGS="--dtypes float32,bfloat16 --rounds 3 --min-run-time 0.03 --compile 0" \
-#     BENCH_LIMIT=150 TRAIN=0 bash benchmarks/gpu_check.sh     # what fit a 15-minute lease: 4.5 min
+#   see benchmarks/results/gpu-2026-11-27/README.md for what fit a 15-minute lease (5.4 min)
 # Environment: TEST_K (a pytest -k selection; default: the whole suite), BENCH_ARGS (default
 # "--rounds 3 --min-run-time 0.05 --compile 0"), BENCH_LIMIT (s, default 240), MEMCHECK_TESTS
-# (the -k terms of the tests memcheck runs), RACECHECK=0 skips racecheck, TRAIN=0 skips the
-# training runs.
+# (the -k terms of the tests memcheck runs), NCU=0 skips the Nsight Compute look at the kernels,
+# RACECHECK=0 skips racecheck, TRAIN=0 skips the training runs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu-results}"
@@ -59,6 +58,16 @@ step "tests (${TEST_K:-all, CUDA included})" tests.log 240 $PY -m pytest -q -rs 
 step benchmarks bench.log "${BENCH_LIMIT:-240}" $PY -m benchmarks.run --device cuda --out "$OUT" ${BENCH_ARGS:---rounds 3 --min-run-time 0.05 --compile 0}
 step "kernel profile" profile.log 90 $PY -m benchmarks.profile_kernels
 step "fused kernels against the split ones" profile.log 90 $PY -m benchmarks.fused_threshold
+if [ "${NCU:-1}" = 1 ]; then  # why the split reductions read below copy bandwidth (stalls, occupancy)
+step "ncu: BatchNorm2d 128x64x32x32 fwd+bwd kernels" profile.log 120 \
+  ncu --clock-control none --launch-skip 6 --launch-count 6 --kernel-name regex:"reduce|normalize|grad_input|finalize" \
+  --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+  --section MemoryWorkloadAnalysis \
+  $PY -c "import torch; from benchmarks.run import bn_case
+step = bn_case((128, 64, 32, 32), torch.float32, torch.device('cuda'), False, 'fwd+bwd')[0]['fastbn']
+for _ in range(3): step()
+torch.cuda.synchronize()"
+fi
 memcheck_tests="${MEMCHECK_TESTS:-gradcheck or empty or constant or large_mean or fused_backward}"
 step "compute-sanitizer memcheck (CUDA tests: $memcheck_tests)" extra.log 120 \
   compute-sanitizer --tool memcheck --error-exitcode 1 --target-processes all \
