@@ -85,12 +85,11 @@ inline BatchNormLayout batch_norm_layout(const Tensor& input) {
   return {input.contiguous(), S != 1, at::MemoryFormat::Contiguous, N, C, S};
 }
 
-// A per-channel tensor as a dense vector of the accumulation dtype (weight/bias/stats are tiny).
-inline Tensor channel_values(const OptTensor& t, const Tensor& input, double fill) {
-  const auto acc = acc_type(input.scalar_type());
-  if (!t.has_value() || !t->defined())
-    return at::full({input.size(1)}, fill, input.options().dtype(acc));
-  return t->to(acc).contiguous();
+// weight / bias as a dense vector of the accumulation dtype, or undefined when not given (the
+// kernels then read 1 / 0: no fill kernel).
+inline Tensor channel_values_if_given(const OptTensor& t, const Tensor& input) {
+  if (!t.has_value() || !t->defined()) return Tensor();
+  return t->to(acc_type(input.scalar_type())).contiguous();
 }
 
 inline void check_same_device(const char* op, const Tensor& a, const char* an, const Tensor& b,

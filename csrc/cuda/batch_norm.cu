@@ -340,11 +340,11 @@ __global__ void __launch_bounds__(kThreads) finalize_sums_kernel(
 
 // A warp per channel while each lane merges at most 2 partials; a block per channel beyond.
 template <typename F>
-void launch_finalize(int splits, int64_t C, cudaStream_t stream, F&& launch) {
+void launch_finalize(int splits, int64_t C, F&& launch) {
   if (splits <= 2 * kWarp)
-    launch(std::integral_constant<int, kWarp>(), dim3(unsigned(ceil_div(C * kWarp, kThreads))), stream);
+    launch(std::integral_constant<int, kWarp>(), dim3(unsigned(ceil_div(C * kWarp, kThreads))));
   else
-    launch(std::integral_constant<int, kThreads>(), dim3(unsigned(C)), stream);
+    launch(std::integral_constant<int, kThreads>(), dim3(unsigned(C)));
 }
 
 // Eval: the saved statistics from the running ones (fresh tensors: they must not alias them).
@@ -689,11 +689,12 @@ void elementwise_dispatch(const BatchNormLayout& L, std::initializer_list<const 
 
 // ---- ops ------------------------------------------------------------------------------------
 
-// weight / bias as dense accumulation-dtype values, or undefined when not given (the kernels
-// then read 1 / 0: no fill kernel).
-Tensor channel_values_if_given(const OptTensor& t, const Tensor& input) {
-  if (!t.has_value() || !t->defined()) return Tensor();
-  return t->to(acc_type(input.scalar_type())).contiguous();
+// Per-channel tensors (running stats, parameter gradients) come in the input's dtype or its
+// accumulation dtype, the checks allow no other: calls f with a value of that C++ type.
+template <typename scalar_t, typename F>
+void with_channel_type(bool accumulation_dtype, F&& f) {
+  if (accumulation_dtype) f(at::opmath_type<scalar_t>(0));
+  else f(scalar_t(0));
 }
 
 template <typename T>
@@ -751,13 +752,12 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_cuda(const Tensor& input, const Op
         const auto partials = reduce_partials(op, L, plan.vec);
         const int splits = partials.second;
         const auto* p = reinterpret_cast<const Welford<acc_t>*>(partials.first.const_data_ptr());
-        launch_finalize(splits, C, stream, [&](auto tpc_tag, dim3 grid, cudaStream_t s) {
-          finalize_stats_kernel<decltype(tpc_tag)::value><<<grid, kThreads, 0, s>>>(p, splits, C, op, stats);
+        launch_finalize(splits, C, [&](auto tpc_tag, dim3 grid) {
+          finalize_stats_kernel<decltype(tpc_tag)::value><<<grid, kThreads, 0, stream>>>(p, splits, C, op, stats);
         });
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       };
-      if (!has_running || rm.scalar_type() == acc) run(acc_t(0));
-      else run(scalar_t(0));  // the checks allow only the input dtype or its acc dtype
+      with_channel_type<scalar_t>(!has_running || rm.scalar_type() == acc, run);
     });
     if (has_running && !running_mean->is_contiguous()) running_mean->copy_(rm);
     if (has_running && !running_var->is_contiguous()) running_var->copy_(rv);
@@ -775,8 +775,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_cuda(const Tensor& input, const Op
               rm.const_data_ptr<running_t>(), rv.const_data_ptr<running_t>(), C, acc_t(eps),
               save_mean.data_ptr<acc_t>(), save_invstd.data_ptr<acc_t>());
         };
-        if (rm.scalar_type() == acc) launch(acc_t(0));
-        else launch(scalar_t(0));
+        with_channel_type<scalar_t>(rm.scalar_type() == acc, launch);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     }
@@ -831,14 +830,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_backward_reduce_cuda(const
     const auto* p = reinterpret_cast<const GradSums<acc_t>*>(partials.first.const_data_ptr());
     auto finalize = [&](auto param_tag) {
       using param_t = decltype(param_tag);
-      launch_finalize(splits, C, stream, [&](auto tpc_tag, dim3 grid, cudaStream_t s) {
-        finalize_sums_kernel<decltype(tpc_tag)::value><<<grid, kThreads, 0, s>>>(
+      launch_finalize(splits, C, [&](auto tpc_tag, dim3 grid) {
+        finalize_sums_kernel<decltype(tpc_tag)::value><<<grid, kThreads, 0, stream>>>(
             p, splits, C, is.const_data_ptr<acc_t>(), sum_dy.data_ptr<acc_t>(), sum_dy_xmu.data_ptr<acc_t>(),
             grad_weight.data_ptr<param_t>(), grad_bias.data_ptr<param_t>());
       });
     };
-    if (pdtype == acc_type(input.scalar_type())) finalize(acc_t(0));
-    else finalize(scalar_t(0));  // the checks allow only the input dtype or its acc dtype
+    with_channel_type<scalar_t>(pdtype == acc_type(input.scalar_type()), finalize);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {sum_dy, sum_dy_xmu, grad_weight, grad_bias};
@@ -897,9 +895,9 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cuda(const Tensor& grad_o
   const c10::cuda::CUDAGuard guard(input.device());
   const BatchNormLayout L = batch_norm_layout(input);
   const int64_t M = L.per_channel();
+  const Tensor dy = grad_output.contiguous(L.format);
+  std::optional<std::tuple<Tensor, Tensor, Tensor>> result;
   if (M > 0) {
-    const Tensor dy = grad_output.contiguous(L.format);
-    std::optional<std::tuple<Tensor, Tensor, Tensor>> result;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fastbn_bn_bwd_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       const scalar_t* g = dy.const_data_ptr<scalar_t>();
@@ -912,22 +910,20 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cuda(const Tensor& grad_o
       const Tensor w = channel_values_if_given(weight, input);
       const Tensor mu = mean.contiguous(), is = invstd.contiguous();
       Tensor grad_weight = at::empty({L.C}, mean.options().dtype(pdtype)), grad_bias = at::empty_like(grad_weight);
-      auto run = [&](auto param_tag) {
+      with_channel_type<scalar_t>(pdtype == acc_type(input.scalar_type()), [&](auto param_tag) {
         using param_t = decltype(param_tag);
         launch_fused(FusedBackward<scalar_t, acc_t, param_t>{
                          {g, x, mu.const_data_ptr<acc_t>()}, is.const_data_ptr<acc_t>(), ptr_or_null<acc_t>(w),
                          acc_t(1) / acc_t(M), grad_weight.data_ptr<param_t>(), grad_bias.data_ptr<param_t>(), d},
                      L, plan);
-      };
-      if (pdtype == acc_type(input.scalar_type())) run(acc_t(0));
-      else run(scalar_t(0));  // the checks allow only the input dtype or its acc dtype
+      });
       result.emplace(dx, grad_weight, grad_bias);
     });
-    if (result) return *result;
   }
-  auto sums = batch_norm_backward_reduce_cuda(grad_output, input, mean, invstd, weight);
-  Tensor dx = batch_norm_backward_input_cuda(grad_output, input, mean, invstd, weight, std::get<0>(sums),
-                                             std::get<1>(sums));
+  if (result) return *result;
+  // the split ops, given the operands already in the layout (no second copy of either)
+  auto sums = batch_norm_backward_reduce_cuda(dy, L.x, mean, invstd, weight);
+  Tensor dx = batch_norm_backward_input_cuda(dy, L.x, mean, invstd, weight, std::get<0>(sums), std::get<1>(sums));
   return {dx, std::get<2>(sums), std::get<3>(sums)};
 }
 
