@@ -73,3 +73,37 @@ def test_fused_threshold_shapes_straddle_the_limit_and_it_needs_cuda():
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="needs CUDA"):
             fused_threshold.main([])
+
+
+@pytest.mark.parametrize("shape", [(8, 16), (4, 3, 5, 5)])
+def test_step_breakdown_table_has_every_part(shape, capsys):
+    from benchmarks import step_breakdown
+
+    lines = step_breakdown.main(["--shape", "x".join(map(str, shape)), "--rounds", "1", "--min-run-time", "0.001"])
+    parts = [line.split(" | ")[0].lstrip("| ") for line in lines if line.startswith("| ") and "---" not in line][1:]
+    assert parts == ["step", "forward", "backward", "ops", "framework (step - ops, per round)"]
+    assert "commit" in lines[0] and "torch" in lines[0]
+    assert capsys.readouterr().out.strip().endswith(lines[-1])
+
+
+def test_step_breakdown_checks_its_ops_against_its_step(monkeypatch):
+    # The `ops` part must compute what the step computes, or the breakdown compares different work.
+    from benchmarks import step_breakdown
+
+    real = step_breakdown.side_fns
+
+    def wrong_ops(side, shape, device, seed=0):
+        fns, (from_step, from_ops) = real(side, shape, device, seed)
+        return fns, (from_step, tuple(2 * g for g in from_ops))
+
+    monkeypatch.setattr(step_breakdown, "side_fns", wrong_ops)
+    with pytest.raises(AssertionError, match="fastbn input gradient"):
+        step_breakdown.measure((8, 16), torch.device("cpu"), 1, 1, 0.001)
+
+
+def test_step_breakdown_rejects_a_bad_shape():
+    from benchmarks import step_breakdown
+
+    for bad in ("8", "8xa", "0x4"):
+        with pytest.raises(argparse.ArgumentTypeError, match="expected a shape such as 200x1000"):
+            step_breakdown.parse_shape(bad)
