@@ -1,11 +1,15 @@
 """fastbn BatchNorm against torch (float64 reference), gradcheck, opcheck, compile, numerics, errors."""
+import math
+
 import pytest
 import torch
 import torch.nn.functional as TF
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 
 import fastbn
 from fastbn import functional as F
-from conftest import CUDA, DEVICES, dtypes_for
+from conftest import CUDA, DEVICES, dtypes_for, needs_cuda
 
 # Max error relative to the reference's largest magnitude, per dtype.
 REL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
@@ -77,12 +81,10 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize(
-    "shape,dtype,device,training,channels_last",
-    [pytest.param(*c, marks=pytest.mark.skipif(c[2] == "cuda" and not CUDA, reason="needs CUDA")) for c in CASES],
-)
-def test_functional_matches_torch_float64(shape, dtype, device, training, channels_last):
-    x, w, b, rm, rv = make_case(shape, dtype, device, channels_last)
+def check_against_torch(x, w, b, rm, rv, training):
+    """F.batch_norm's output, running stats and every gradient against torch's in float64, from the
+    same (rounded) inputs; x in any layout, w and b None for affine=False."""
+    dtype = x.dtype
     rm_ref, rv_ref = rm.double().clone(), rv.double().clone()
     xs, ws, bs = leaf(x), leaf(w), leaf(b)
     y = F.batch_norm(xs, rm, rv, ws, bs, training=training, momentum=0.1, eps=1e-5)
@@ -90,7 +92,7 @@ def test_functional_matches_torch_float64(shape, dtype, device, training, channe
     y_ref = TF.batch_norm(xr, rm_ref, rv_ref, wr, br, training=training, momentum=0.1, eps=1e-5)
 
     assert y.dtype == dtype and y.shape == x.shape
-    if channels_last:
+    if x.dim() >= 4 and not x.is_contiguous() and x.is_contiguous(memory_format=channels_last_format(x.dim())):
         assert y.is_contiguous(memory_format=channels_last_format(x.dim()))
     assert torch.isfinite(y).all()
     assert_rel_close(y, y_ref, dtype, "output")
@@ -98,17 +100,88 @@ def test_functional_matches_torch_float64(shape, dtype, device, training, channe
     assert_rel_close(rv, rv_ref, dtype, "running_var")
 
     g = torch.randn_like(y_ref).to(dtype)
-    grads = torch.autograd.grad(y, (xs, ws, bs), g)
-    grads_ref = torch.autograd.grad(y_ref, (xr, wr, br), g.double())
+    mine = [t for t in (xs, ws, bs) if t is not None]
+    refs = [t for t in (xr, wr, br) if t is not None]
+    grads = torch.autograd.grad(y, mine, g)
+    grads_ref = torch.autograd.grad(y_ref, refs, g.double())
     # Gradients are sums that can cancel to ~0 (N = 2, C = 1): measure each against the size of
     # its terms -- dy * weight * invstd for the input, sum |dy| (x_hat is O(1)) for the parameters.
     dims = [0] + list(range(2, x.dim()))
     var = xr.var(dims, unbiased=False) if training else rv.double()
-    term_input = (g.double().abs().max() * (wr.abs() * (var + 1e-5).rsqrt()).max()).item()
+    gain = (var + 1e-5).rsqrt() * (wr.abs() if wr is not None else 1)
+    term_input = (g.double().abs().max() * gain.max()).item()
     term_params = g.double().abs().sum(dims).max().item()
     for name, a, e in zip(("grad_input", "grad_weight", "grad_bias"), grads, grads_ref):
         assert a.dtype == (x.dtype if name == "grad_input" else w.dtype)
         assert_rel_close(a, e, dtype, name, scale=term_input if name == "grad_input" else term_params)
+
+
+@pytest.mark.parametrize(
+    "shape,dtype,device,training,channels_last",
+    [pytest.param(*c, marks=pytest.mark.skipif(c[2] == "cuda" and not CUDA, reason="needs CUDA")) for c in CASES],
+)
+def test_functional_matches_torch_float64(shape, dtype, device, training, channels_last):
+    check_against_torch(*make_case(shape, dtype, device, channels_last), training)
+
+
+# ---- random shapes (hypothesis) -----------------------------------------------------------------
+# The fixed shapes above name the paths we know of; these draw shapes across the kernels' switch
+# points (rows or planes, short planes, 4x4 planes below N = 32, line-aligned rows, calls past the
+# CPU's 32768-value threading grain, planes longer than a 4096-value block, the CUDA fused limit of
+# 8192 values a channel) in every layout: contiguous, channels_last, and strided views.
+
+MAX_VALUES = 1 << 18  # per case: past the threading grain, and quick
+
+
+@st.composite
+def batch_norm_cases(draw, device):
+    ndim = draw(st.sampled_from([2, 3, 4, 5]))
+    # few samples or channels as often as many, so that long planes (several blocks each) come up
+    N, C = (draw(st.one_of(st.integers(1, 8), st.integers(1, 300))) for _ in range(2))
+    spatial = []
+    for k in range(ndim - 2, 0, -1):  # k spatial sizes still to draw: keep the case under MAX_VALUES
+        room = MAX_VALUES // (N * C * math.prod(spatial))
+        spatial.append(draw(st.integers(1, max(1, min(100, int(room ** (1 / k)))))))
+    shape = (N, C, *spatial)
+    assume(math.prod(shape) <= MAX_VALUES)
+    layout = draw(st.sampled_from(["contiguous", "strided"] + (["channels_last"] if ndim >= 4 else [])))
+    dtype = draw(st.sampled_from(dtypes_for(device)))
+    per_channel = N * math.prod(spatial)
+    training = draw(st.booleans()) and per_channel > 1  # one value per channel is an error in training
+    affine = draw(st.booleans())
+    seed = draw(st.integers(0, 2 ** 31 - 1))
+    return shape, layout, dtype, training, affine, seed
+
+
+def random_case(case, device):
+    shape, layout, dtype, training, affine, seed = case
+    torch.manual_seed(seed)
+    x, w, b, rm, rv = make_case(shape, dtype, device, layout == "channels_last", affine)
+    if layout == "strided":  # every other element of a tensor twice as long in its last dim
+        wide = torch.randn(*shape[:-1], 2 * shape[-1], dtype=torch.float64).to(device, dtype)
+        wide[..., ::2] = x
+        x = wide[..., ::2]
+        assert not x.is_contiguous() or shape[-1] == 1
+    return x, w, b, rm, rv, training
+
+
+RANDOM = settings(max_examples=100, deadline=None, derandomize=True,
+                  suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+@RANDOM
+@given(case=batch_norm_cases("cpu"))
+def test_random_shapes_match_torch_cpu(case):
+    x, w, b, rm, rv, training = random_case(case, "cpu")
+    check_against_torch(x, w, b, rm, rv, training)
+
+
+@needs_cuda
+@RANDOM
+@given(case=batch_norm_cases("cuda"))
+def test_random_shapes_match_torch_cuda(case):
+    x, w, b, rm, rv, training = random_case(case, "cuda")
+    check_against_torch(x, w, b, rm, rv, training)
 
 
 @pytest.mark.parametrize("device", DEVICES)

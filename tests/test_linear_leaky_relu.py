@@ -3,10 +3,12 @@ compile, errors, and the nn module's compatibility with nn.Linear."""
 import pytest
 import torch
 import torch.nn.functional as TF
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import fastbn
 from fastbn import functional as F
-from conftest import CUDA, DEVICES, dtypes_for
+from conftest import CUDA, DEVICES, dtypes_for, needs_cuda
 
 REL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 
@@ -39,15 +41,18 @@ CASES = [(shape, n_out, slope, bias, dtype, device)
          for bias in (True, False)]
 
 
-@pytest.mark.parametrize(
-    "shape,n_out,slope,bias,dtype,device",
-    [pytest.param(*c, marks=pytest.mark.skipif(c[-1] == "cuda" and not CUDA, reason="needs CUDA")) for c in CASES],
-)
-def test_matches_torch_float64(shape, n_out, slope, bias, dtype, device):
+def make_case(shape, n_out, bias, dtype, device):
     n_in = shape[-1]
     x = torch.randn(shape, dtype=torch.float64).to(device, dtype).requires_grad_()
     w = (torch.randn(n_out, n_in, dtype=torch.float64) / n_in ** 0.5).to(device, dtype).requires_grad_()
     b = torch.randn(n_out, dtype=torch.float64).to(device, dtype).requires_grad_() if bias else None
+    return x, w, b
+
+
+def check_against_torch(x, w, b, slope):
+    """The fused op's output and gradients against leaky_relu(linear(...)) in float64, from the same
+    (rounded) inputs."""
+    dtype, n_out, n_in, bias = x.dtype, w.shape[0], w.shape[1], b is not None
     y = F.linear_leaky_relu(x, w, b, slope)
     xr, wr = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
     br = b.detach().double().requires_grad_() if bias else None
@@ -71,6 +76,47 @@ def test_matches_torch_float64(shape, n_out, slope, bias, dtype, device):
     for name, a, e, s in zip(("grad_input", "grad_weight", "grad_bias"), grads, grads_ref, scales):
         assert a.shape == e.shape and a.dtype == dtype
         assert_rel(a, e, dtype, name, s)
+
+
+@pytest.mark.parametrize(
+    "shape,n_out,slope,bias,dtype,device",
+    [pytest.param(*c, marks=pytest.mark.skipif(c[-1] == "cuda" and not CUDA, reason="needs CUDA")) for c in CASES],
+)
+def test_matches_torch_float64(shape, n_out, slope, bias, dtype, device):
+    check_against_torch(*make_case(shape, n_out, bias, dtype, device), slope)
+
+
+# ---- random shapes (hypothesis): leading dims, feature counts, slopes, bias or none, every dtype
+
+
+@st.composite
+def linear_cases(draw, device):
+    lead = draw(st.lists(st.integers(0, 40), min_size=1, max_size=3))
+    n_in, n_out = draw(st.integers(1, 300)), draw(st.integers(1, 300))
+    slope = draw(st.one_of(st.sampled_from(SLOPES), st.floats(-2, 2, allow_nan=False, width=32)))
+    return (*lead, n_in), n_out, slope, draw(st.booleans()), draw(st.sampled_from(dtypes_for(device))), \
+        draw(st.integers(0, 2 ** 31 - 1))
+
+
+RANDOM = settings(max_examples=100, deadline=None, derandomize=True,
+                  suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+@RANDOM
+@given(case=linear_cases("cpu"))
+def test_random_shapes_match_torch_cpu(case):
+    shape, n_out, slope, bias, dtype, seed = case
+    torch.manual_seed(seed)
+    check_against_torch(*make_case(shape, n_out, bias, dtype, "cpu"), slope)
+
+
+@needs_cuda
+@RANDOM
+@given(case=linear_cases("cuda"))
+def test_random_shapes_match_torch_cuda(case):
+    shape, n_out, slope, bias, dtype, seed = case
+    torch.manual_seed(seed)
+    check_against_torch(*make_case(shape, n_out, bias, dtype, "cuda"), slope)
 
 
 @pytest.mark.parametrize("device", DEVICES)
