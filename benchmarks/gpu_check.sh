@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One call on a machine with an NVIDIA GPU: build fastbn for that GPU, run the whole test suite
 # (CUDA tests included), the benchmarks, a per-kernel profile, the fused kernels against the split
-# ones, Nsight Compute counters of one training step's kernels, compute-sanitizer memcheck and
-# racecheck over a slice of the CUDA tests, and CUDA training runs on synthetic data. Each step has
+# ones, eager steps split into ops and the rest, Nsight Compute counters of one training step's
+# kernels, compute-sanitizer memcheck and racecheck over a slice of the CUDA tests, CUDA training
+# runs on synthetic data, and, if the bad-input tests crash, a rebuild with g++-13. Each step has
 # its own time limit, so that one slow step cannot eat the others. Writes at most 8 files to $OUT
 # (default ./gpu-results): summary.md, build.log, tests.log, bench.log, the benchmark table and plot,
 # profile.log, extra.log. Needs python3 with torch (CUDA), pytest, matplotlib, tqdm; nvcc.
@@ -58,6 +59,10 @@ step "tests (${TEST_K:-all, CUDA included})" tests.log 240 $PY -m pytest -q -rs 
 step benchmarks bench.log "${BENCH_LIMIT:-240}" $PY -m benchmarks.run --device cuda --out "$OUT" ${BENCH_ARGS:---rounds 3 --min-run-time 0.05 --compile 0}
 step "kernel profile" profile.log 90 $PY -m benchmarks.profile_kernels
 step "fused kernels against the split ones" profile.log 90 $PY -m benchmarks.fused_threshold
+# eager steps at the models' small shapes are host-bound: how much of a step is the ops, how much the rest
+for shape in 32x256x8x8 200x1000; do
+step "step breakdown $shape (eager)" profile.log 60 $PY -m benchmarks.step_breakdown --device cuda --shape $shape --rounds 5 --min-run-time 0.05
+done
 if [ "${NCU:-1}" = 1 ]; then  # why the split reductions read below copy bandwidth (stalls, occupancy)
 step "ncu: BatchNorm2d 128x64x32x32 fwd+bwd kernels" profile.log 120 \
   ncu --clock-control none --launch-skip 6 --launch-count 6 --kernel-name regex:"reduce|normalize|grad_input|finalize" \
@@ -78,8 +83,9 @@ step "compute-sanitizer racecheck (fused kernels' shared memory)" extra.log 60 \
   compute-sanitizer --tool racecheck --error-exitcode 1 --target-processes all \
   $PY -m pytest -q -x tests/test_batch_norm.py -p no:cacheprovider -k "cuda and fused_backward"
 fi
+bad_input_failed=0
 if [ -n "${TEST_K:-}" ]; then  # the bad-input tests alone, in one process (a crash there is a finding)
-step "bad-input tests (one process)" tests.log 60 $PY -m pytest -q --tb=short tests -p no:cacheprovider -k bad_input
+step "bad-input tests (one process)" tests.log 60 $PY -m pytest -q --tb=short tests -p no:cacheprovider -k bad_input || bad_input_failed=1
 step "toolchain (what the bad-input crash may depend on)" extra.log 30 bash -c "
   ls /opt/gcc/bin /usr/bin 2>/dev/null | grep -E '^(g[+][+]|gcc|c[+][+])' | sort -u | tr '\\n' ' '; echo
   ldd fastbn/_C*.so | grep -E 'stdc|gcc_s|libc[.]'; readelf -d fastbn/_C*.so | grep NEEDED
@@ -92,6 +98,13 @@ step "train steps (synthetic CIFAR-shaped data)" extra.log 120 bash -c "
   $PY -m fastbn.train cnn --device cuda --synthetic 20000 --max_steps 300 --eval_freq 300 --amp none --quiet --backend torch --out /tmp/cnn-torch &&
   $PY -m fastbn.train mlp --device cuda --synthetic 20000 --max_steps 1000 --eval_freq 1000 --quiet --out /tmp/mlp-fastbn &&
   $PY -m fastbn.train mlp --device cuda --synthetic 20000 --max_steps 1000 --eval_freq 1000 --quiet --backend torch --out /tmp/mlp-torch"
+fi
+# Last, as it replaces the build: the bad-input crash seen on one GPU image came with an extension
+# that did not list libstdc++ (a g++ wrapper linking it statically?); build with the system g++ and
+# run those tests again, to tell whether the toolchain is the cause.
+if [ "$bad_input_failed" = 1 ] && [ -x /usr/bin/g++-13 ]; then
+step "rebuild with /usr/bin/g++-13" build.log 300 env CXX=/usr/bin/g++-13 CC=/usr/bin/gcc-13 $PY setup.py -q build_ext --inplace --force &&
+step "bad-input tests after the g++-13 build" tests.log 60 $PY -m pytest -q --tb=short tests -p no:cacheprovider -k bad_input
 fi
 { echo; echo "Benchmark table: the cuda-*.md file beside this summary."; } >> "$summary"
 cat "$summary"
