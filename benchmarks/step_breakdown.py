@@ -1,7 +1,8 @@
 """Where a BatchNorm training step's time goes, fastbn beside torch: `python -m benchmarks.step_breakdown`.
 
-One shape (default 200x1000, the BatchNorm1d of the study's MLP), one process, every part of both
-sides timed interleaved round by round (benchmarks.harness):
+One shape (default 200x1000, the BatchNorm1d of the study's MLP; `--channels-last` for a 4D/5D
+input in that layout), one process, every part of both sides timed interleaved round by round
+(benchmarks.harness):
 
   step       torch.autograd.grad(module(x), [x, weight, bias], dy): the benchmark's fwd+bwd row
   forward    module(x), recording the graph
@@ -35,12 +36,13 @@ def parse_shape(text):
     return shape
 
 
-def side_fns(side, shape, device, seed=0):
+def side_fns(side, shape, device, channels_last=False, seed=0):
     """{part: callable} for one side ('fastbn' or 'torch'), and its gradients from a step and from the ops."""
     kind = {2: "BatchNorm1d", 3: "BatchNorm1d", 4: "BatchNorm2d", 5: "BatchNorm3d"}[len(shape)]
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(shape, generator=gen).to(device).requires_grad_()
-    dy = torch.randn(shape, generator=gen).to(device)
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}[len(shape)] if channels_last else torch.contiguous_format
+    x = torch.randn(shape, generator=gen).to(device).contiguous(memory_format=fmt).requires_grad_()
+    dy = torch.randn(shape, generator=gen).to(device).contiguous(memory_format=fmt)
     m = getattr(fastbn.nn if side == "fastbn" else torch.nn, kind)(shape[1], device=device)
     params = [x, m.weight, m.bias]
     xd, w, b, rm, rv = x.detach(), m.weight.detach(), m.bias.detach(), m.running_mean, m.running_var
@@ -71,11 +73,11 @@ def side_fns(side, shape, device, seed=0):
     return fns, (fns["step"](), ops_step())
 
 
-def measure(shape, device, threads, rounds, min_run_time):
+def measure(shape, device, threads, rounds, min_run_time, channels_last=False):
     """{part: {side: [seconds per round]}}, after checking that each side's ops give its step's gradients."""
     fns = {}
     for side in ("fastbn", "torch"):
-        side_parts, (from_step, from_ops) = side_fns(side, shape, device)
+        side_parts, (from_step, from_ops) = side_fns(side, shape, device, channels_last)
         for name, a, b in zip(("input", "weight", "bias"), from_step, from_ops):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=lambda m: f"{side} {name} gradient: {m}")
         fns.update({(part, side): fn for part, fn in side_parts.items()})
@@ -100,16 +102,19 @@ def table(per):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", type=parse_shape, default=(200, 1000), help="N x C [x spatial], e.g. 200x1000")
+    p.add_argument("--channels-last", action="store_true", help="input and dy in channels_last (4D, 5D)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
     p.add_argument("--rounds", type=int, default=11)
     p.add_argument("--min-run-time", type=float, default=0.1)
     args = p.parse_args(argv)
+    if args.channels_last and len(args.shape) not in (4, 5):
+        p.error(f"--channels-last needs a 4D or 5D shape, got {len(args.shape)}D")
     device = torch.device(args.device)
     threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
-    per = measure(args.shape, device, threads, args.rounds, args.min_run_time)
-    shape = "x".join(map(str, args.shape))
+    per = measure(args.shape, device, threads, args.rounds, args.min_run_time, args.channels_last)
+    shape = "x".join(map(str, args.shape)) + (" channels_last" if args.channels_last else "")
     lines = [
         f"BatchNorm training step {shape} float32 on {device_name(device)}: commit {commit()}, torch "
         f"{torch.__version__}, python {platform.python_version()}, {args.rounds} rounds "

@@ -75,11 +75,12 @@ def test_fused_threshold_shapes_straddle_the_limit_and_it_needs_cuda():
             fused_threshold.main([])
 
 
-@pytest.mark.parametrize("shape", [(8, 16), (4, 3, 5, 5)])
-def test_step_breakdown_table_has_every_part(shape, capsys):
+@pytest.mark.parametrize("shape,layout", [((8, 16), []), ((4, 3, 5, 5), []), ((4, 3, 5, 5), ["--channels-last"])])
+def test_step_breakdown_table_has_every_part(shape, layout, capsys):
     from benchmarks import step_breakdown
 
-    lines = step_breakdown.main(["--shape", "x".join(map(str, shape)), "--rounds", "1", "--min-run-time", "0.001"])
+    lines = step_breakdown.main(["--shape", "x".join(map(str, shape)), "--rounds", "1", "--min-run-time", "0.001",
+                                 *layout])
     parts = [line.split(" | ")[0].lstrip("| ") for line in lines if line.startswith("| ") and "---" not in line][1:]
     assert parts == ["step", "forward", "backward", "ops", "framework (step - ops, per round)"]
     assert "commit" in lines[0] and "torch" in lines[0]
@@ -92,8 +93,8 @@ def test_step_breakdown_checks_its_ops_against_its_step(monkeypatch):
 
     real = step_breakdown.side_fns
 
-    def wrong_ops(side, shape, device, seed=0):
-        fns, (from_step, from_ops) = real(side, shape, device, seed)
+    def wrong_ops(side, shape, device, channels_last=False, seed=0):
+        fns, (from_step, from_ops) = real(side, shape, device, channels_last, seed)
         return fns, (from_step, tuple(2 * g for g in from_ops))
 
     monkeypatch.setattr(step_breakdown, "side_fns", wrong_ops)
@@ -107,3 +108,5 @@ def test_step_breakdown_rejects_a_bad_shape():
     for bad in ("8", "8xa", "0x4"):
         with pytest.raises(argparse.ArgumentTypeError, match="expected a shape such as 200x1000"):
             step_breakdown.parse_shape(bad)
+    with pytest.raises(SystemExit):  # argparse's error: channels_last needs 4D or 5D
+        step_breakdown.main(["--shape", "8x16", "--channels-last"])
