@@ -26,6 +26,7 @@ SHAPES = [
     (3, 1000, 2, 3),   # many channels, tiny planes
     (40, 16, 12, 12),  # short planes: several runs per block, several blocks per channel
     (4, 64, 12, 12),   # channels_last: column slices of whole cache lines
+    (40, 64, 15, 15),  # channels_last: column slices too large for L2, so three phases over row chunks
     (64, 3, 40, 40),   # few channels, large N*H*W: CUDA merges over 32 partials per channel
     (128, 40, 3, 3),   # short planes, threaded: walked as rows of C*S columns on the CPU
     (3, 24, 4, 4),     # 4x4 planes (one AVX-512 vector) at a small batch: walked as planes
@@ -454,7 +455,7 @@ def test_empty_batch(device):
 @pytest.mark.parametrize("shape,channels_last", [
     ((16, 8, 33, 17), False), ((40, 16, 12, 12), False), ((64, 3, 40, 40), False), ((4, 64, 12, 12), True),
     ((200, 1000), False), ((300, 64), False), ((128, 64, 2, 2), False), ((512, 7, 3, 3), False),
-    ((64, 32, 5, 5), False), ((16, 512, 4, 4), False),
+    ((64, 32, 5, 5), False), ((16, 512, 4, 4), False), ((40, 64, 15, 15), True), ((4096, 128), False),
 ])
 def test_deterministic_across_thread_counts(shape, channels_last):
     """The same bits whatever the thread count (which also picks between the per-channel and the
