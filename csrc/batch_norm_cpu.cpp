@@ -261,18 +261,19 @@ struct ColumnSlices {
   int64_t length(int64_t s, int64_t C) const { return std::min(width, C - s * width); }
 };
 
-// ---- one region, three phases: the rows layout in training, unless a task owns its columns ----
+// ---- one region, three phases: the rows layout in training ------------------------------------
 //
-// Rows whose columns a task cannot own with its slice in cache (rows that are not a whole number
-// of cache lines, BatchNorm1d with C = 1000; too few channels to share; slices too large for L2)
-// are walked in row chunks. Rather than separate regions (statistics; a serial per-channel merge;
-// the elementwise pass), one region runs them as phases with a barrier between: each thread's
-// chunks, then each thread's slice of the channels (merge, constants), then the same chunks
-// again, which the thread re-reads from its own cache where they fit. The chunks and the merge
-// order are those of channel_moments/grad_sums: the same results to the bit. Against statistics
-// over owned column slices followed by a pass over row chunks, the phases were 1.09-1.18x as
-// fast forward and 1.08-1.22x backward (channels_last 32x64x32x32 to 128x64x32x32, 64x512x4x4,
-// 16x128x16x16; BatchNorm1d 4096x256, 16384x64; paired in one process).
+// Rows (channels innermost: channels_last, BatchNorm1d) are walked in row chunks. Rather than
+// separate regions (statistics; a serial per-channel merge; the elementwise pass), one region runs
+// them as phases with a barrier between: each thread's chunks, then each thread's slice of the
+// channels (merge, constants), then the same chunks again, which the thread re-reads from its own
+// cache where they fit. The chunks and the merge order are those of channel_moments/grad_sums:
+// the same results to the bit. Tasks that own column slices instead (the planar layout's fused
+// path, below) lose on rows: their slices of every row (128 B to 2 KB) interleave with the other
+// threads' in every line pair and page the prefetchers fetch, and they cannot start the
+// elementwise pass before all rows are reduced. Paired in one process, against owned slices: forward
+// 1.1-2.3x and backward 1.1-2.5x as fast (channels_last 16x64x16x16, 32x256x8x8, 40x64x5x5, 32x64x32x32,
+// 128x64x32x32; BatchNorm1d 200x1024, 512x256, 4096x256, 16384x64; a 128x512 forward 0.95x).
 
 // Runs phase1(q0, q1) on each thread's share of `tasks`, barrier, phase2(c0, c1) on its share of
 // C channels (whole vectors), barrier, phase3(q0, q1) on its first share again. Raw OpenMP (the
@@ -304,7 +305,8 @@ void three_phases(int64_t tasks, int64_t C, int64_t numel, F1&& phase1, F2&& pha
 // When every task can own whole channels and their values fit in its core's L2, the statistics
 // and the elementwise pass run in one parallel region, and the elementwise pass re-reads the
 // input from cache: the forward moves 2 passes of memory instead of 3, the backward 3 instead
-// of 5. Groups are single channels (planar) or column slices (rows).
+// of 5. Training uses them for planes; groups of column slices (rows) serve the statistics-only
+// walks (channel_moments, grad_sums).
 constexpr int64_t kGroupCacheBytes = int64_t(1) << 20;
 
 struct ChannelGroups {
@@ -357,20 +359,17 @@ void group_moments(const BatchNormLayout& L, const T* x, int64_t c0, int64_t W, 
   rc.merge(x, c0, W, pmean.get(), pm2.get(), W, mean + c0, m2 + c0);
 }
 
-// y = (x - mean) * scale + shift for channels [c0, c0 + W); the vectors are indexed by channel.
+// y = (x - mean) * scale + shift for channels [c0, c0 + W) of a planar layout (rows run in three
+// phases); the vectors are indexed by channel.
 template <typename T>
 void group_normalize(const BatchNormLayout& L, const T* x, T* y, int64_t c0, int64_t W, const cpu::acc_t<T>* m,
                      const cpu::acc_t<T>* scale, const cpu::acc_t<T>* shift) {
   const auto& k = cpu::kernels_for<T>();
-  if (L.planar) {
-    const ChannelBlocks cb(L);
-    for (int64_t c = c0; c < c0 + W; ++c)
-      cb.each(c, [&](int64_t, int64_t off, int64_t runs, int64_t len) {
-        k.plane_normalize(x + off, y + off, runs, len, cb.stride(), m[c], scale[c], shift[c]);
-      });
-    return;
-  }
-  k.rows_normalize(x + c0, y + c0, L.per_channel(), W, L.C, m + c0, scale + c0, shift + c0);
+  const ChannelBlocks cb(L);
+  for (int64_t c = c0; c < c0 + W; ++c)
+    cb.each(c, [&](int64_t, int64_t off, int64_t runs, int64_t len) {
+      k.plane_normalize(x + off, y + off, runs, len, cb.stride(), m[c], scale[c], shift[c]);
+    });
 }
 
 // sum(dy), sum(dy * (x - mean)) of channels [c0, c0 + W) into sdy/sdyxmu (indexed by channel).
@@ -407,20 +406,17 @@ void group_grad_sums(const BatchNormLayout& L, const T* g, const T* x, int64_t c
   }
 }
 
-// dx = a * dy - (x - mean) * b - c for channels [c0, c0 + W).
+// dx = a * dy - (x - mean) * b - c for channels [c0, c0 + W) of a planar layout (rows run in
+// three phases).
 template <typename T>
 void group_grad_input(const BatchNormLayout& L, const T* g, const T* x, T* dx, int64_t c0, int64_t W,
                       const cpu::acc_t<T>* m, const cpu::acc_t<T>* a, const cpu::acc_t<T>* b, const cpu::acc_t<T>* c) {
   const auto& k = cpu::kernels_for<T>();
-  if (L.planar) {
-    const ChannelBlocks cb(L);
-    for (int64_t ch = c0; ch < c0 + W; ++ch)
-      cb.each(ch, [&](int64_t, int64_t off, int64_t runs, int64_t len) {
-        k.plane_grad_input(g + off, x + off, dx + off, runs, len, cb.stride(), m[ch], a[ch], b[ch], c[ch]);
-      });
-    return;
-  }
-  k.rows_grad_input(g + c0, x + c0, dx + c0, L.per_channel(), W, L.C, m + c0, a + c0, b + c0, c + c0);
+  const ChannelBlocks cb(L);
+  for (int64_t ch = c0; ch < c0 + W; ++ch)
+    cb.each(ch, [&](int64_t, int64_t off, int64_t runs, int64_t len) {
+      k.plane_grad_input(g + off, x + off, dx + off, runs, len, cb.stride(), m[ch], a[ch], b[ch], c[ch]);
+    });
 }
 
 // Per-channel (mean, m2), stable and deterministic: whole-channel tasks where the layout allows
@@ -606,7 +602,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_cpu(const Tensor& input, const Opt
                         invstd.data(), m.data(), scale.data(), shift.data());
     };
     const ChannelGroups groups(L, sizeof(T));
-    if (training && groups.usable) {  // one region: statistics, then normalise from cache
+    if (training && L.planar && groups.usable) {  // one region: statistics, then normalise from cache
       at::parallel_for(0, groups.count, grain(groups.count, L.x.numel()), [&](int64_t g0, int64_t g1) {
         for (int64_t g = g0; g < g1; ++g) {
           const int64_t c0 = groups.start(g), W = groups.length(g, C);
@@ -808,10 +804,10 @@ Tensor batch_norm_backward_input_cpu(const Tensor& grad_output, const Tensor& in
   return dx;
 }
 
-// All three gradients in training mode. With channel groups the per-channel sums and dx are
-// computed in one region (dx re-reads x and dy from cache), other rows layouts in three phases
-// of one region; planes otherwise the sums, then dx, as reduce-then-input but without their
-// intermediate tensors (at small batches those cost more than the passes).
+// All three gradients in training mode. Planes in channel groups: the per-channel sums and dx in
+// one region (dx re-reads x and dy from cache); rows: three phases of one region; other planes:
+// the sums, then dx, as reduce-then-input but without their intermediate tensors (at small
+// batches those cost more than the passes).
 std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(const Tensor& grad_output, const Tensor& input,
                                                            const Tensor& mean, const Tensor& invstd,
                                                            const OptTensor& weight) {
@@ -819,7 +815,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(const Tensor& grad_ou
   check_batch_norm_backward_args(op, grad_output, input, mean, invstd, weight);
   const BatchNormLayout L = batch_norm_layout(input);
   const int64_t C = L.C, M = L.per_channel();
-  const bool fused = M > 0 && ChannelGroups(L, 2 * input.element_size()).usable;
+  const bool fused = M > 0 && L.planar && ChannelGroups(L, 2 * input.element_size()).usable;
   const bool phases = M > 0 && !fused && !L.planar;
   const Tensor dy = grad_output.contiguous(L.format);
   Tensor dx = empty_like_layout(L);
