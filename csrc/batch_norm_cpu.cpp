@@ -268,12 +268,12 @@ struct ColumnSlices {
 // them as phases with a barrier between: each thread's chunks, then each thread's slice of the
 // channels (merge, constants), then the same chunks again, which the thread re-reads from its own
 // cache where they fit. The chunks and the merge order are those of channel_moments/grad_sums:
-// the same results to the bit. Tasks that own column slices instead (the planar layout's fused
-// path, below) lose on rows: their slices of every row (128 B to 2 KB) interleave with the other
-// threads' in every line pair and page the prefetchers fetch, and they cannot start the
-// elementwise pass before all rows are reduced. Paired in one process, against owned slices: forward
-// 1.1-2.3x and backward 1.1-2.5x as fast (channels_last 16x64x16x16, 32x256x8x8, 40x64x5x5, 32x64x32x32,
-// 128x64x32x32; BatchNorm1d 200x1024, 512x256, 4096x256, 16384x64; a 128x512 forward 0.95x).
+// the same results to the bit. Tasks that own column slices instead (as planes own channels,
+// below) lose on rows: their slices of every row (128 B to 2 KB) interleave with the other
+// threads' in the line pairs and pages the prefetchers fetch. Paired in one process, against owned
+// slices: forward 1.1-2.3x and backward 1.1-2.5x as fast (channels_last 16x64x16x16, 32x256x8x8,
+// 40x64x5x5, 32x64x32x32, 128x64x32x32; BatchNorm1d 200x1024, 512x256, 4096x256, 16384x64; only a
+// 128x512 forward read 0.95x): benchmarks/results/cpu-2026-11-27-rows-phases.md.
 
 // Runs phase1(q0, q1) on each thread's share of `tasks`, barrier, phase2(c0, c1) on its share of
 // C channels (whole vectors), barrier, phase3(q0, q1) on its first share again. Raw OpenMP (the
@@ -816,7 +816,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(const Tensor& grad_ou
   const BatchNormLayout L = batch_norm_layout(input);
   const int64_t C = L.C, M = L.per_channel();
   const bool fused = M > 0 && L.planar && ChannelGroups(L, 2 * input.element_size()).usable;
-  const bool phases = M > 0 && !fused && !L.planar;
+  const bool phases = M > 0 && !L.planar;
   const Tensor dy = grad_output.contiguous(L.format);
   Tensor dx = empty_like_layout(L);
   const std::vector<double> w = read_channels(weight, C, 1.0), is = read_channels(invstd, C, 1.0);
