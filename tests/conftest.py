@@ -1,5 +1,6 @@
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA (no GPU on this machine)")
@@ -11,6 +12,11 @@ DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# Random-shape tests (hypothesis): derandomized, so that every CI run draws the same cases.
+RANDOM_SHAPES = settings(max_examples=100, deadline=None, derandomize=True,
+                         suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
 def dtypes_for(device):

@@ -4,12 +4,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as TF
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import fastbn
 from fastbn import functional as F
-from conftest import CUDA, DEVICES, dtypes_for, needs_cuda
+from conftest import CUDA, DEVICES, RANDOM_SHAPES, dtypes_for
 
 # Max error relative to the reference's largest magnitude, per dtype.
 REL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
@@ -167,23 +167,11 @@ def random_case(case, device):
     return x, w, b, rm, rv, training
 
 
-RANDOM = settings(max_examples=100, deadline=None, derandomize=True,
-                  suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-
-
-@RANDOM
-@given(case=batch_norm_cases("cpu"))
-def test_random_shapes_match_torch_cpu(case):
-    x, w, b, rm, rv, training = random_case(case, "cpu")
-    check_against_torch(x, w, b, rm, rv, training)
-
-
-@needs_cuda
-@RANDOM
-@given(case=batch_norm_cases("cuda"))
-def test_random_shapes_match_torch_cuda(case):
-    x, w, b, rm, rv, training = random_case(case, "cuda")
-    check_against_torch(x, w, b, rm, rv, training)
+@pytest.mark.parametrize("device", DEVICES)
+@RANDOM_SHAPES
+@given(data=st.data())
+def test_random_shapes_match_torch(device, data):
+    check_against_torch(*random_case(data.draw(batch_norm_cases(device)), device))
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -3,12 +3,12 @@ compile, errors, and the nn module's compatibility with nn.Linear."""
 import pytest
 import torch
 import torch.nn.functional as TF
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import fastbn
 from fastbn import functional as F
-from conftest import CUDA, DEVICES, dtypes_for, needs_cuda
+from conftest import CUDA, DEVICES, RANDOM_SHAPES, dtypes_for
 
 REL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 
@@ -98,25 +98,13 @@ def linear_cases(draw, device):
         draw(st.integers(0, 2 ** 31 - 1))
 
 
-RANDOM = settings(max_examples=100, deadline=None, derandomize=True,
-                  suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-
-
-@RANDOM
-@given(case=linear_cases("cpu"))
-def test_random_shapes_match_torch_cpu(case):
-    shape, n_out, slope, bias, dtype, seed = case
+@pytest.mark.parametrize("device", DEVICES)
+@RANDOM_SHAPES
+@given(data=st.data())
+def test_random_shapes_match_torch(device, data):
+    shape, n_out, slope, bias, dtype, seed = data.draw(linear_cases(device))
     torch.manual_seed(seed)
-    check_against_torch(*make_case(shape, n_out, bias, dtype, "cpu"), slope)
-
-
-@needs_cuda
-@RANDOM
-@given(case=linear_cases("cuda"))
-def test_random_shapes_match_torch_cuda(case):
-    shape, n_out, slope, bias, dtype, seed = case
-    torch.manual_seed(seed)
-    check_against_torch(*make_case(shape, n_out, bias, dtype, "cuda"), slope)
+    check_against_torch(*make_case(shape, n_out, bias, dtype, device), slope)
 
 
 @pytest.mark.parametrize("device", DEVICES)
