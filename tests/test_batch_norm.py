@@ -429,15 +429,21 @@ def test_constant_channel_gives_bias_and_finite_grads(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_empty_batch(device):
-    bn, ref = fastbn.nn.BatchNorm2d(3, device=device), torch.nn.BatchNorm2d(3, device=device)
-    x = torch.randn(0, 3, 4, 4, device=device, requires_grad=True)
+@pytest.mark.parametrize("shape,channels_last", [((0, 3, 4, 4), False), ((0, 64, 4, 4), True), ((0, 1000), False)])
+def test_empty_batch(device, shape, channels_last):
+    kind = "BatchNorm2d" if len(shape) == 4 else "BatchNorm1d"
+    bn, ref = getattr(fastbn.nn, kind)(shape[1], device=device), getattr(torch.nn, kind)(shape[1], device=device)
+    x = torch.randn(shape, device=device)
+    if channels_last:  # rows: the three phases over no row chunks
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
     y = bn(x)
     assert y.shape == x.shape
     y.sum().backward()
     assert x.grad.shape == x.shape and torch.all(bn.weight.grad == 0)
-    ref(torch.randn(0, 3, 4, 4, device=device))
+    ref(x.detach())
     torch.testing.assert_close(bn.running_mean, ref.running_mean)
+    torch.testing.assert_close(bn.running_var, ref.running_var)
     assert bn.num_batches_tracked.item() == ref.num_batches_tracked.item() == 1
 
 
