@@ -305,8 +305,8 @@ void three_phases(int64_t tasks, int64_t C, int64_t numel, F1&& phase1, F2&& pha
 // When every task can own whole channels and their values fit in its core's L2, the statistics
 // and the elementwise pass run in one parallel region, and the elementwise pass re-reads the
 // input from cache: the forward moves 2 passes of memory instead of 3, the backward 3 instead
-// of 5. Training uses them for planes; groups of column slices (rows) serve the statistics-only
-// walks (channel_moments, grad_sums).
+// of 5. Training uses them for planes; groups of column slices (rows) serve only channel_moments'
+// statistics of short planes walked as rows.
 constexpr int64_t kGroupCacheBytes = int64_t(1) << 20;
 
 struct ChannelGroups {
@@ -678,18 +678,15 @@ void grad_sums(const BatchNormLayout& L, const T* g, const T* x, const cpu::acc_
     }
     return;
   }
-  // Rows are summed in row chunks, not in owned column slices: 1.2-1.45x as fast for the reduce op
-  // (channels_last 16x64x16x16 to 128x64x32x32, BatchNorm1d 512x256 and 4096x256), 0.97-1.24x
-  // for short planes walked as rows (paired in one process; the same bits).
-  const ChannelGroups groups(L, /*bytes_per_value=*/0);
-  if (L.planar && groups.usable) {
-    at::parallel_for(0, groups.count, grain(groups.count, L.x.numel()), [&](int64_t g0, int64_t g1) {
-      for (int64_t grp = g0; grp < g1; ++grp)
-        group_grad_sums<T>(L, g, x, groups.start(grp), groups.length(grp, C), mu, sdy, sdyxmu);
-    });
-    return;
-  }
   if (L.planar) {
+    const ChannelGroups groups(L, /*bytes_per_value=*/0);
+    if (groups.usable) {
+      at::parallel_for(0, groups.count, grain(groups.count, L.x.numel()), [&](int64_t g0, int64_t g1) {
+        for (int64_t grp = g0; grp < g1; ++grp)
+          group_grad_sums<T>(L, g, x, groups.start(grp), groups.length(grp, C), mu, sdy, sdyxmu);
+      });
+      return;
+    }
     const ChannelBlocks cb(L);
     const int64_t K = cb.count;
     auto p1 = partials<double>(K * C), p2 = partials<double>(K * C);  // block b of channel c at [b * C + c]
@@ -699,6 +696,9 @@ void grad_sums(const BatchNormLayout& L, const T* g, const T* x, const cpu::acc_
     sum_partials(K, p1.get(), p2.get(), C, 0, C, sdy, sdyxmu);  // block order, as group_grad_sums
     return;
   }
+  // Rows are summed in row chunks, not in owned column slices: 1.2-1.45x as fast for the reduce op
+  // (channels_last 16x64x16x16 to 128x64x32x32, BatchNorm1d 512x256 and 4096x256), 0.97-1.24x
+  // for short planes walked as rows (paired in one process; the same bits).
   const RowChunks rc(C, L.per_channel());
   auto p1 = partials<A>(rc.count * C), p2 = partials<A>(rc.count * C);
   at::parallel_for(0, rc.count, grain(rc.count, L.x.numel()), [&](int64_t q0, int64_t q1) {
