@@ -67,6 +67,31 @@ def test_leaky_relu_backward(slope):
     check_module(LeakyReLUModule(slope), x)
 
 
+@pytest.mark.parametrize("slope", [-0.5, 0.0, 0.02, 1.0, 3.0])
+def test_leaky_relu_is_its_definition_exactly(slope):
+    # the definition, elementwise; the module computes x times its derivative, with no branch
+    x = rng.normal(size=(7, 11)).astype(np.float32)
+    x[0, :4] = [0.0, -0.0, np.inf, -np.inf]
+    dout = rng.normal(size=x.shape).astype(np.float32)
+    m = LeakyReLUModule(slope)
+    a = np.float32(slope)
+    with np.errstate(invalid="ignore"):  # slope 0: 0 * -inf is NaN in both
+        np.testing.assert_array_equal(m.forward(x), np.where(x > 0, x, x * a))
+    np.testing.assert_array_equal(m.backward(dout), np.where(x > 0, dout, dout * a))
+
+
+def test_linear_takes_a_weight_in_either_memory_order():
+    # W is kept in Fortran order for speed; a C-ordered W assigned by a user gives the same maths
+    x, dout = rng.normal(size=(4, 7)), rng.normal(size=(4, 5))
+    m = LinearModule(7, 5, np.random.default_rng(1), dtype=np.float64, std=1.0)
+    assert m.params["weight"].flags.f_contiguous and m.grads["weight"].flags.f_contiguous
+    w = m.params["weight"].copy(order="C")
+    m.params["weight"] = w
+    np.testing.assert_allclose(m.forward(x), x @ w.T, rtol=1e-12)
+    np.testing.assert_allclose(m.backward(dout), dout @ w, rtol=1e-12)
+    np.testing.assert_allclose(m.grads["weight"], dout.T @ x, rtol=1e-12)
+
+
 def test_softmax_backward_and_stability():
     check_module(SoftMaxModule(), rng.normal(size=(5, 10)))
     out = SoftMaxModule().forward(np.array([[1e4, 1e4 - 1, 1e4 - 2]], dtype=np.float32))
@@ -130,6 +155,7 @@ def test_training_on_separable_data_learns():
     [
         (lambda: LinearModule(4, 2).forward(np.zeros((3, 5), np.float32)), "expected 4 features"),
         (lambda: LinearModule(4, 2).forward(np.zeros(4, np.float32)), "2D array"),
+        (lambda: LeakyReLUModule(0.02).forward(np.ones((2, 3), np.int64)), "floating point"),
         (lambda: CrossEntropyModule().forward(np.full((2, 3), 1 / 3), np.array([[1, 0, 0], [1, 1, 0]])), "one-hot"),
         (lambda: CrossEntropyModule().forward(np.full((2, 3), 1 / 3), np.array([[0.5, 0.5, 0], [1, 0, 0]])), "one-hot"),
         (lambda: CrossEntropyModule().backward(np.full((2, 3), 1 / 3), np.eye(4)[:2]), "do not match"),
