@@ -25,8 +25,8 @@ SHAPES = [
     (8, 16, 8, 8),
     (3, 1000, 2, 3),   # many channels, tiny planes
     (40, 16, 12, 12),  # short planes: several runs per block, several blocks per channel
-    (4, 64, 12, 12),   # channels_last: column slices of whole cache lines
-    (40, 64, 15, 15),  # channels_last: column slices too large for L2, so three phases over row chunks
+    (4, 64, 12, 12),   # channels_last: rows of whole cache lines, the minimum of 4 row chunks
+    (40, 64, 15, 15),  # channels_last: 9 row chunks of an L2 block each, more than the threads
     (64, 3, 40, 40),   # few channels, large N*H*W: CUDA merges over 32 partials per channel
     (128, 40, 3, 3),   # short planes, threaded: walked as rows of C*S columns on the CPU
     (3, 24, 4, 4),     # 4x4 planes (one AVX-512 vector) at a small batch: walked as planes
