@@ -66,11 +66,17 @@ class LinearLeakyReLU(torch.nn.Linear):
 
 
 _SWAPS = {torch.nn.BatchNorm1d: BatchNorm1d, torch.nn.BatchNorm2d: BatchNorm2d, torch.nn.BatchNorm3d: BatchNorm3d}
+_LAZY = (torch.nn.LazyBatchNorm1d, torch.nn.LazyBatchNorm2d, torch.nn.LazyBatchNorm3d)
 
 
 def _swap(module):
     new_cls = _SWAPS.get(type(module))
     if new_cls is None:
+        if isinstance(module, _LAZY):
+            # it becomes a torch.nn.BatchNorm*d at its first forward; left as it is, it would
+            # silently stay torch's
+            raise ValueError(f"fastbn.convert: {type(module).__name__} has not been initialised (its number of "
+                             "features is set by the first forward); run one forward through the model, then convert")
         return module
     p = module.weight if module.weight is not None else module.running_mean
     new = new_cls(module.num_features, module.eps, module.momentum, module.affine,
@@ -87,7 +93,8 @@ def _swap(module):
 def convert(model):
     """Replace every torch.nn.BatchNorm1d/2d/3d in `model` (in place, and returned) by fastbn's,
     carrying parameters, buffers and train/eval mode over. Returns the new module when `model`
-    itself is a BatchNorm."""
+    itself is a BatchNorm. A LazyBatchNorm1d/2d/3d is converted once a forward has initialised it
+    (before, it is an error rather than left as torch's)."""
     swapped = _swap(model)
     if swapped is not model:
         return swapped

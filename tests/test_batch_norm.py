@@ -305,6 +305,19 @@ def test_convert_swaps_and_keeps_state():
     assert isinstance(fastbn.convert(torch.nn.BatchNorm2d(3)), fastbn.nn.BatchNorm2d)
 
 
+def test_convert_lazy_batch_norm_only_once_initialised():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.LazyBatchNorm2d())
+    with pytest.raises(ValueError, match="LazyBatchNorm2d has not been initialised.*run one forward"):
+        fastbn.convert(model)
+    x = torch.randn(2, 3, 5, 5)
+    model(x)  # now a torch.nn.BatchNorm2d of 4 features
+    model.eval()
+    expected = model(x)
+    converted = fastbn.convert(model)
+    assert isinstance(converted[1], fastbn.nn.BatchNorm2d) and converted[1].num_features == 4
+    torch.testing.assert_close(converted(x), expected)
+
+
 # ---- gradcheck / opcheck / compile ----------------------------------------------------------
 
 
