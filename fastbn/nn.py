@@ -72,11 +72,6 @@ _LAZY = (torch.nn.LazyBatchNorm1d, torch.nn.LazyBatchNorm2d, torch.nn.LazyBatchN
 def _swap(module):
     new_cls = _SWAPS.get(type(module))
     if new_cls is None:
-        if isinstance(module, _LAZY):
-            # it becomes a torch.nn.BatchNorm*d at its first forward; left as it is, it would
-            # silently stay torch's
-            raise ValueError(f"fastbn.convert: {type(module).__name__} has not been initialised (its number of "
-                             "features is set by the first forward); run one forward through the model, then convert")
         return module
     p = module.weight if module.weight is not None else module.running_mean
     new = new_cls(module.num_features, module.eps, module.momentum, module.affine,
@@ -90,14 +85,26 @@ def _swap(module):
     return new
 
 
-def convert(model):
-    """Replace every torch.nn.BatchNorm1d/2d/3d in `model` (in place, and returned) by fastbn's,
-    carrying parameters, buffers and train/eval mode over. Returns the new module when `model`
-    itself is a BatchNorm. A LazyBatchNorm1d/2d/3d is converted once a forward has initialised it
-    (before, it is an error rather than left as torch's)."""
+def _swap_all(model):
     swapped = _swap(model)
     if swapped is not model:
         return swapped
     for name, child in model.named_children():
-        setattr(model, name, convert(child))
+        setattr(model, name, _swap_all(child))
     return model
+
+
+def convert(model):
+    """Replace every torch.nn.BatchNorm1d/2d/3d in `model` (in place, and returned) by fastbn's,
+    carrying parameters, buffers and train/eval mode over. Returns the new module when `model`
+    itself is a BatchNorm. A LazyBatchNorm1d/2d/3d is converted once a forward has initialised it;
+    before, convert raises (and changes nothing) rather than leave it torch's."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"fastbn.convert: expected a torch.nn.Module, got {type(model).__name__}")
+    for name, m in model.named_modules():
+        if isinstance(m, _LAZY):  # it becomes a torch.nn.BatchNorm*d at its first forward
+            where = f" at {name!r}" if name else ""
+            raise ValueError(f"fastbn.convert: the {type(m).__name__}{where} has not been initialised "
+                             "(its number of features is set by the first forward); run one forward through the "
+                             "model, then convert")
+    return _swap_all(model)

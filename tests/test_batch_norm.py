@@ -306,16 +306,20 @@ def test_convert_swaps_and_keeps_state():
 
 
 def test_convert_lazy_batch_norm_only_once_initialised():
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.LazyBatchNorm2d())
-    with pytest.raises(ValueError, match="LazyBatchNorm2d has not been initialised.*run one forward"):
+    model = torch.nn.Sequential(torch.nn.BatchNorm2d(3), torch.nn.Conv2d(3, 4, 1), torch.nn.LazyBatchNorm2d())
+    with pytest.raises(ValueError, match="LazyBatchNorm2d at '2' has not been initialised.*run one forward"):
         fastbn.convert(model)
+    assert type(model[0]) is torch.nn.BatchNorm2d  # nothing converted halfway
     x = torch.randn(2, 3, 5, 5)
     model(x)  # now a torch.nn.BatchNorm2d of 4 features
     model.eval()
     expected = model(x)
     converted = fastbn.convert(model)
-    assert isinstance(converted[1], fastbn.nn.BatchNorm2d) and converted[1].num_features == 4
+    assert isinstance(converted[0], fastbn.nn.BatchNorm2d)
+    assert isinstance(converted[2], fastbn.nn.BatchNorm2d) and converted[2].num_features == 4
     torch.testing.assert_close(converted(x), expected)
+    with pytest.raises(TypeError, match="expected a torch.nn.Module, got OrderedDict"):
+        fastbn.convert(model.state_dict())
 
 
 # ---- gradcheck / opcheck / compile ----------------------------------------------------------
