@@ -43,6 +43,10 @@ struct Kernels {
   // dx = dy * a - (x - mean) * b - c   (eval: b = c = 0)
   void (*plane_grad_input)(const T* dy, const T* x, T* dx, int64_t runs, int64_t n, int64_t stride, A mean, A a,
                            A b, A c);
+  // plane_normalize over W consecutive channels at once (planes of n values; each run holds the W
+  // planes back to back): for planes of one vector or so, a call per plane costs more than the plane
+  void (*planes_normalize)(const T* x, T* y, int64_t runs, int64_t W, int64_t n, int64_t stride, const A* mean,
+                           const A* scale, const A* shift);
 
   // --- BatchNorm, channels innermost: `rows` rows of C channels, `stride` apart ----------------
   // per-channel mean (as its deviation from the row `base`) and m2 of the block, written
