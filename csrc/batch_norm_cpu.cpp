@@ -765,6 +765,13 @@ void grad_input_pass(const BatchNormLayout& L, const T* g, const T* x, T* d, con
     });
     return;
   }
+  if (L.planar && L.S < kMinRun) {  // 4x4 planes at small batches, as the forward
+    const int64_t S = L.S;
+    at::parallel_for(0, C, grain(C, L.x.numel()), [&](int64_t j0, int64_t j1) {
+      k.planes_grad_input(g + j0 * S, x + j0 * S, d + j0 * S, L.N, j1 - j0, S, C * S, &m[j0], &a[j0], &b[j0], &c[j0]);
+    });
+    return;
+  }
   for_each_span(
       L,
       [&](int64_t off, int64_t runs, int64_t len, int64_t stride, int64_t j) {

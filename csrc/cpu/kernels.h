@@ -47,6 +47,9 @@ struct Kernels {
   // planes back to back): for planes of one vector or so, a call per plane costs more than the plane
   void (*planes_normalize)(const T* x, T* y, int64_t runs, int64_t W, int64_t n, int64_t stride, const A* mean,
                            const A* scale, const A* shift);
+  // plane_grad_input over W consecutive channels at once, likewise
+  void (*planes_grad_input)(const T* dy, const T* x, T* dx, int64_t runs, int64_t W, int64_t n, int64_t stride,
+                            const A* mean, const A* a, const A* b, const A* c);
 
   // --- BatchNorm, channels innermost: `rows` rows of C channels, `stride` apart ----------------
   // per-channel mean (as its deviation from the row `base`) and m2 of the block, written
