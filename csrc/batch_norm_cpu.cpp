@@ -637,7 +637,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_cpu(const Tensor& input, const Opt
       normalized = true;
       return;
     }
-    if (L.planar && L.S < kMinRun) {  // 4x4 planes at small batches (short_planes): many channels a call
+    if (L.planar && L.S < kMinRun) {  // 4x4 planes below 32 samples (see short_planes): channels a call
       const int64_t S = L.S;
       at::parallel_for(0, C, grain(C, L.x.numel()), [&](int64_t c0, int64_t c1) {
         k.planes_normalize(x + c0 * S, y + c0 * S, L.N, c1 - c0, S, C * S, &m[c0], &scale[c0], &shift[c0]);
