@@ -179,8 +179,15 @@ bool parallel_over_channels(const BatchNormLayout& L) {
 // 1..8 x 512 x 4 x 4 against torch's: forward 0.5-1.0x as rows, 0.7-2.0x as planes; backward
 // 0.4-0.7x and 0.5-0.9x).
 constexpr int64_t kMinRowsForVectorPlanes = 32;
-bool short_planes(const BatchNormLayout& L) {
-  return L.planar && L.S < kMinRun && !(L.S == 16 && L.N < kMinRowsForVectorPlanes);
+bool vector_planes(const BatchNormLayout& L) { return L.planar && L.S == 16 && L.N < kMinRowsForVectorPlanes; }
+bool short_planes(const BatchNormLayout& L) { return L.planar && L.S < kMinRun && !vector_planes(L); }
+
+// The elementwise passes over vector planes take a range of channels per kernel call (one call per
+// 16-value plane cost more than the plane): f(c0, c1, offset of channel c0), the threads sharing
+// the channels.
+template <typename F>
+void for_channel_ranges(const BatchNormLayout& L, F&& f) {
+  at::parallel_for(0, L.C, grain(L.C, L.x.numel()), [&](int64_t c0, int64_t c1) { f(c0, c1, c0 * L.S); });
 }
 BatchNormLayout as_rows(const BatchNormLayout& L) { return {L.x, false, L.format, L.N, L.C * L.S, 1}; }
 
@@ -637,10 +644,9 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_cpu(const Tensor& input, const Opt
       normalized = true;
       return;
     }
-    if (L.planar && L.S < kMinRun) {  // 4x4 planes below 32 samples (see short_planes): channels a call
-      const int64_t S = L.S;
-      at::parallel_for(0, C, grain(C, L.x.numel()), [&](int64_t c0, int64_t c1) {
-        k.planes_normalize(x + c0 * S, y + c0 * S, L.N, c1 - c0, S, C * S, &m[c0], &scale[c0], &shift[c0]);
+    if (vector_planes(L)) {
+      for_channel_ranges(L, [&](int64_t c0, int64_t c1, int64_t o) {
+        k.planes_normalize(x + o, y + o, L.N, c1 - c0, L.S, C * L.S, &m[c0], &scale[c0], &shift[c0]);
       });
       normalized = true;
       return;
@@ -765,10 +771,9 @@ void grad_input_pass(const BatchNormLayout& L, const T* g, const T* x, T* d, con
     });
     return;
   }
-  if (L.planar && L.S < kMinRun) {  // 4x4 planes at small batches, as the forward
-    const int64_t S = L.S;
-    at::parallel_for(0, C, grain(C, L.x.numel()), [&](int64_t j0, int64_t j1) {
-      k.planes_grad_input(g + j0 * S, x + j0 * S, d + j0 * S, L.N, j1 - j0, S, C * S, &m[j0], &a[j0], &b[j0], &c[j0]);
+  if (vector_planes(L)) {
+    for_channel_ranges(L, [&](int64_t j0, int64_t j1, int64_t o) {
+      k.planes_grad_input(g + o, x + o, d + o, L.N, j1 - j0, L.S, C * L.S, &m[j0], &a[j0], &b[j0], &c[j0]);
     });
     return;
   }
