@@ -65,6 +65,24 @@ def test_a_second_run_the_same_day_keeps_the_first_runs_file(tmp_path):
     assert second != first and second.name.endswith("-run2.md") and first.read_text() == "first run"
 
 
+def _row(case, lo, hi):
+    return dict(group="BatchNorm", case=case, mode="fwd+bwd", dtype=torch.float32, layout="contiguous",
+                fastbn_ms=1.0, torch_ms=1.0, ratio=(lo + hi) / 2, ratio_mid=(lo + hi) / 2, ratio_lo=lo, ratio_hi=hi,
+                compiled_ms=None, achieved="-", roof="-")
+
+
+def test_rows_slower_in_every_round_are_listed(tmp_path):
+    rows = [_row("2x3", 0.80, 0.95), _row("4x5", 0.90, 1.10), _row("6x7", 1.20, 1.50)]
+    assert [r["case"] for r in run.slower_every_round(rows)] == ["2x3"]  # 4x5 won a round: drift, not a loss
+    res = dict(rows=rows, sweep=[], copy_bw=1e9, mm_rate=1e9, device=torch.device("cpu"), threads=1)
+    text = run.write_results(res, argparse.Namespace(quick=True, cases=None, out=str(tmp_path))).read_text()
+    listed = text.split("Slower than torch in every round")[1]
+    assert "2x3" in listed and "4x5" not in listed and "6x7" not in listed
+    res["rows"] = rows[1:]
+    text = run.write_results(res, argparse.Namespace(quick=True, cases=None, out=str(tmp_path))).read_text()
+    assert "Slower than torch in every round" not in text
+
+
 def test_fused_threshold_shapes_straddle_the_limit_and_it_needs_cuda():
     from benchmarks import fused_threshold
 
