@@ -29,15 +29,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def device_name(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    model = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {torch.get_num_threads()} threads"
+    return f"{fastbn.cpu_model()}, {torch.get_num_threads()} threads"
 
 
 def commit():

@@ -54,6 +54,21 @@ def build_info() -> dict:
     }
 
 
+def cpu_model() -> str:
+    """The CPU's model name as the OS reports it (/proc/cpuinfo), for results that name their machine;
+    platform.processor() says only "x86_64" on Linux."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def empty_cache() -> None:
     """Return the cached blocks of large CPU outputs to the system (see csrc/cpu/output_allocator.h)."""
     _C.empty_cpu_cache()
@@ -65,4 +80,5 @@ def cpu_cache_stats() -> dict:
     return {"cached_bytes": cached, "hits": hits, "misses": misses}
 
 
-__all__ = ["functional", "nn", "ops", "convert", "build_info", "empty_cache", "cpu_cache_stats", "__version__"]
+__all__ = ["functional", "nn", "ops", "convert", "build_info", "cpu_model", "empty_cache", "cpu_cache_stats",
+           "__version__"]

@@ -95,14 +95,14 @@ def git_commit():
 
 
 def versions():
+    import fastbn  # without torch too (the NumPy MLP): then no build_info
+
     out = {"commit": git_commit(), "python": platform.python_version(), "numpy": np.__version__, "machine": platform.machine(),
-           "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count()}
+           "processor": fastbn.cpu_model(), "cpus": os.cpu_count()}
     if "torch" in sys.modules and sys.modules["torch"] is not None:
         import torch
 
         out["torch"] = torch.__version__
-        import fastbn
-
         out["fastbn"] = fastbn.build_info()
     return out
 

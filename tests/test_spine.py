@@ -115,3 +115,16 @@ def test_whole_model_save_load_and_deepcopy(tmp_path):
     for other in (loaded, copy.deepcopy(model)):
         assert isinstance(other[1], fastbn.nn.BatchNorm2d) and isinstance(other[3], fastbn.nn.LinearLeakyReLU)
         assert torch.equal(other(x), model(x))
+
+
+def test_cpu_model_names_the_machine_in_run_logs():
+    model = fastbn.cpu_model()
+    assert isinstance(model, str) and model
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+             if line.startswith("model name")] if cpuinfo.exists() else []
+    if names:  # the OS's name, not platform.processor()'s "x86_64"
+        assert model == names[0]
+    from fastbn import train
+
+    assert train.versions()["processor"] == model
