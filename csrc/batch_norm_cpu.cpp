@@ -182,6 +182,13 @@ constexpr int64_t kMinRowsForVectorPlanes = 32;
 bool vector_planes(const BatchNormLayout& L) { return L.planar && L.S == 16 && L.N < kMinRowsForVectorPlanes; }
 bool short_planes(const BatchNormLayout& L) { return L.planar && L.S < kMinRun && !vector_planes(L); }
 
+// The elementwise passes over short planes walked as rows run on one thread below this many rows: the
+// per-column constants that one core writes and the other reads then cost more than the second core
+// saves. Paired in one process, the same bits (EPYC VM, benchmarks/results/cpu-2026-11-27-short-planes-inline.md):
+// 16-48 x 512 x 2 x 2, 48 x 256 x 3 x 3, 40 x 64 x 5 x 5: eval 2.0-5.1x, training forward 1.25-1.70x,
+// backward 1.17-1.37x as fast inline; 64 rows and more unchanged.
+constexpr int64_t kMinShortPlaneRowsToThread = 64;
+
 // The elementwise passes over vector planes take a range of channels per kernel call (one call per
 // 16-value plane cost more than the plane): f(c0, c1, offset of channel c0), the threads sharing
 // the channels.
@@ -457,7 +464,7 @@ void channel_moments(const BatchNormLayout& L, const T* x, double* mean, double*
 // of a layout known to be rows.
 constexpr auto no_planes = [](int64_t, int64_t, int64_t, int64_t, int64_t) {};
 template <typename F, typename G>
-void for_each_span(const BatchNormLayout& L, F&& planar_fn, G&& rows_fn) {
+void for_each_span(const BatchNormLayout& L, F&& planar_fn, G&& rows_fn, int64_t min_rows_to_thread = 0) {
   if (L.planar) {
     const ChannelBlocks cb(L);
     cb.parallel_each(L.x.numel(), [&](int64_t, int64_t c, int64_t off, int64_t runs, int64_t len) {
@@ -465,7 +472,8 @@ void for_each_span(const BatchNormLayout& L, F&& planar_fn, G&& rows_fn) {
     });
   } else {
     const RowChunks rc(L.C, L.per_channel());
-    at::parallel_for(0, rc.count, grain(rc.count, L.x.numel()), [&](int64_t q0, int64_t q1) {
+    const int64_t g = L.N < min_rows_to_thread ? std::max<int64_t>(rc.count, 1) : grain(rc.count, L.x.numel());
+    at::parallel_for(0, rc.count, g, [&](int64_t q0, int64_t q1) {
       for (int64_t q = q0; q < q1; ++q) rows_fn(rc.first(q), rc.length(q));
     });
   }
@@ -638,9 +646,12 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_cpu(const Tensor& input, const Opt
       const BatchNormLayout R = as_rows(L);
       const auto cm = per_column(m.data(), C, L.S), cs = per_column(scale.data(), C, L.S),
                  csh = per_column(shift.data(), C, L.S);
-      for_each_span(R, no_planes, [&](int64_t r0, int64_t nr) {
-        k.rows_normalize(x + r0 * R.C, y + r0 * R.C, nr, R.C, R.C, cm.get(), cs.get(), csh.get());
-      });
+      for_each_span(
+          R, no_planes,
+          [&](int64_t r0, int64_t nr) {
+            k.rows_normalize(x + r0 * R.C, y + r0 * R.C, nr, R.C, R.C, cm.get(), cs.get(), csh.get());
+          },
+          kMinShortPlaneRowsToThread);
       normalized = true;
       return;
     }
@@ -765,10 +776,13 @@ void grad_input_pass(const BatchNormLayout& L, const T* g, const T* x, T* d, con
     const int64_t S = L.S;
     const auto cm = per_column(m.data(), C, S), ca = per_column(a.data(), C, S), cb = per_column(b.data(), C, S),
                cc = per_column(c.data(), C, S);
-    for_each_span(R, no_planes, [&](int64_t r0, int64_t nr) {
-      k.rows_grad_input(g + r0 * R.C, x + r0 * R.C, d + r0 * R.C, nr, R.C, R.C, cm.get(), ca.get(), cb.get(),
-                        cc.get());
-    });
+    for_each_span(
+        R, no_planes,
+        [&](int64_t r0, int64_t nr) {
+          k.rows_grad_input(g + r0 * R.C, x + r0 * R.C, d + r0 * R.C, nr, R.C, R.C, cm.get(), ca.get(), cb.get(),
+                            cc.get());
+        },
+        kMinShortPlaneRowsToThread);
     return;
   }
   if (vector_planes(L)) {
