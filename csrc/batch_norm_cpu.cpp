@@ -461,7 +461,7 @@ void channel_moments(const BatchNormLayout& L, const T* x, double* mean, double*
 
 // Walks the layout, the threads sharing it: f(offset, runs, length, stride, channel) for planar
 // blocks, or g(row0, nrows) for row chunks; each task a contiguous range. `no_planes` is the f
-// of a layout known to be rows.
+// of a layout known to be rows. A rows walk of fewer than `min_rows_to_thread` rows runs on the calling thread.
 constexpr auto no_planes = [](int64_t, int64_t, int64_t, int64_t, int64_t) {};
 template <typename F, typename G>
 void for_each_span(const BatchNormLayout& L, F&& planar_fn, G&& rows_fn, int64_t min_rows_to_thread = 0) {
