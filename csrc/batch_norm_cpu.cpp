@@ -472,8 +472,8 @@ void for_each_span(const BatchNormLayout& L, F&& planar_fn, G&& rows_fn, int64_t
     });
   } else {
     const RowChunks rc(L.C, L.per_channel());
-    const int64_t g = L.N < min_rows_to_thread ? std::max<int64_t>(rc.count, 1) : grain(rc.count, L.x.numel());
-    at::parallel_for(0, rc.count, g, [&](int64_t q0, int64_t q1) {
+    const int64_t values = L.N < min_rows_to_thread ? 0 : L.x.numel();  // 0: one inline task
+    at::parallel_for(0, rc.count, grain(rc.count, values), [&](int64_t q0, int64_t q1) {
       for (int64_t q = q0; q < q1; ++q) rows_fn(rc.first(q), rc.length(q));
     });
   }
