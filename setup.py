@@ -74,6 +74,11 @@ def main():
     # not set errno, so that per-channel loops with a square root vectorise.
     cxx = opt + ["-fopenmp", "-fno-math-errno"]  # the C++ standard is the one torch asks for
     nvcc = opt[:1] + ["--expt-relaxed-constexpr", "-lineinfo"]
+    # The shared C++ runtime, named before the one the compiler driver adds: a toolchain that
+    # links libstdc++ statically (the GPU image's /opt/gcc g++) gave the extension its own copy,
+    # and a torch error thrown from our op then came out truncated or crashed the process
+    # (benchmarks/results/gpu-2026-11-27/README.md, runs 3 and 4). Linux only (the soname).
+    link = ["-fopenmp"] + (["-l:libstdc++.so.6"] if sys.platform.startswith("linux") else [])
     Ext = CUDAExtension if with_cuda else CppExtension
     ext = Ext(
         name="fastbn._C",
@@ -81,7 +86,7 @@ def main():
         include_dirs=[str(ROOT / "csrc")] + (nvidia_wheel_includes() if with_cuda else []),
         define_macros=macros,
         extra_compile_args={"cxx": cxx, "nvcc": nvcc} if with_cuda else {"cxx": cxx},
-        extra_link_args=["-fopenmp"],
+        extra_link_args=link,
     )
 
     # Lets `import fastbn` say "rebuild" instead of failing on a symbol when torch changes.

@@ -12,7 +12,8 @@
 # Environment: TEST_K (a pytest -k selection; default: the whole suite), BENCH_ARGS (default
 # "--rounds 3 --min-run-time 0.05 --compile 0"), BENCH_LIMIT (s, default 240), MEMCHECK_TESTS
 # (the -k terms of the tests memcheck runs), NCU=0 skips the Nsight Compute look at the kernels,
-# RACECHECK=0 skips racecheck, TRAIN=0 skips the training runs.
+# RACECHECK=0 skips racecheck, TRAIN=0 skips the training runs, STEPS=0 skips the eager step
+# breakdowns, GXX13_REBUILD=0 skips the g++-13 rebuild when the bad-input tests crash.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu-results}"
@@ -60,7 +61,7 @@ step benchmarks bench.log "${BENCH_LIMIT:-240}" $PY -m benchmarks.run --device c
 step "kernel profile" profile.log 90 $PY -m benchmarks.profile_kernels
 step "fused kernels against the split ones" profile.log 90 $PY -m benchmarks.fused_threshold
 # eager steps at the models' small shapes are host-bound: how much of a step is the ops, how much the rest
-for shape in 32x256x8x8 200x1000; do
+for shape in $([ "${STEPS:-1}" = 1 ] && echo 32x256x8x8 200x1000); do
 step "step breakdown $shape (eager)" profile.log 60 $PY -m benchmarks.step_breakdown --device cuda --shape $shape --rounds 5 --min-run-time 0.05
 done
 if [ "${NCU:-1}" = 1 ]; then  # why the split reductions read below copy bandwidth (stalls, occupancy)
@@ -102,7 +103,7 @@ fi
 # Last, as it replaces the build: the bad-input crash seen on one GPU image came with an extension
 # that did not list libstdc++ (a g++ wrapper linking it statically?); build with the system g++ and
 # run those tests again, to tell whether the toolchain is the cause.
-if [ "$bad_input_failed" = 1 ] && [ -x /usr/bin/g++-13 ]; then
+if [ "$bad_input_failed" = 1 ] && [ "${GXX13_REBUILD:-1}" = 1 ] && [ -x /usr/bin/g++-13 ]; then
 step "rebuild with /usr/bin/g++-13" build.log 300 env CXX=/usr/bin/g++-13 CC=/usr/bin/gcc-13 $PY setup.py -q build_ext --inplace --force &&
 step "bad-input tests after the g++-13 build" tests.log 60 $PY -m pytest -q --tb=short tests -p no:cacheprovider -k bad_input
 fi

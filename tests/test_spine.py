@@ -42,6 +42,15 @@ def test_build_info_matches_the_binary():
         assert " avx2" in flags and " fma" in flags
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux") or shutil.which("readelf") is None,
+                    reason="needs Linux and binutils' readelf")
+def test_extension_uses_the_shared_cxx_runtime():
+    # A private static copy of libstdc++ (some toolchains link one) breaks torch's errors thrown
+    # from our ops: the message came out truncated here, the process crashed on a GPU image.
+    needed = subprocess.run(["readelf", "-d", fastbn._C.__file__], capture_output=True, text=True, check=True).stdout
+    assert "[libstdc++.so.6]" in needed, needed
+
+
 @pytest.mark.parametrize("isa", ["default", "avx2"])
 def test_isa_cap_and_same_results(isa):
     code = ("import torch, fastbn; torch.manual_seed(0); x = torch.randn(64, 33, 7, 5);"
