@@ -14,6 +14,9 @@
 # (the -k terms of the tests memcheck runs), NCU=0 skips the Nsight Compute look at the kernels,
 # RACECHECK=0 skips racecheck, TRAIN=0 skips the training runs, STEPS=0 skips the eager step
 # breakdowns, GXX13_REBUILD=0 skips the g++-13 rebuild when the bad-input tests crash.
+# BASE=DIR: a second tree to compare the kernels against in the same call (e.g. here
+# `mkdir .base && git archive REF | tar -x -C .base`, `.base` in .git/info/exclude, carried):
+# built beside this one, then its kernel profile goes to extra.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu-results}"
@@ -53,6 +56,11 @@ step() {  # step NAME LOG SECONDS COMMAND...: run under a time limit, record res
 
 # The local GPU's arch only: the build takes a fraction of the two-arch CI build.
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$($PY -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')}"
+if [ -n "${BASE:-}" ]; then  # its build runs while this tree's builds and tests
+  base_log=$(mktemp)
+  ( cd "$BASE" && timeout 400 $PY setup.py -q build_ext --inplace > "$base_log" 2>&1 ) &
+  base_pid=$!
+fi
 step build build.log 300 $PY setup.py -q build_ext --inplace || { cat "$summary"; exit 1; }
 step build_info build.log 60 $PY -c "import fastbn, json; print(json.dumps(fastbn.build_info()))"
 xdist=""; $PY -c "import xdist" 2>/dev/null && xdist="-n 8"
@@ -106,6 +114,12 @@ fi
 if [ "$bad_input_failed" = 1 ] && [ "${GXX13_REBUILD:-1}" = 1 ] && [ -x /usr/bin/g++-13 ]; then
 step "rebuild with /usr/bin/g++-13" build.log 300 env CXX=/usr/bin/g++-13 CC=/usr/bin/gcc-13 $PY setup.py -q build_ext --inplace --force &&
 step "bad-input tests after the g++-13 build" tests.log 60 $PY -m pytest -q --tb=short tests -p no:cacheprovider -k bad_input
+fi
+if [ -n "${BASE:-}" ]; then
+  wait "$base_pid"; base_rc=$?
+  step "base tree $BASE: build (rc $base_rc)" extra.log 5 tail -3 "$base_log"
+  [ $base_rc -eq 0 ] && step "base tree $BASE: kernel profile" extra.log 90 \
+    env PYTHONPATH="$(cd "$BASE" && pwd)" bash -c "cd '$BASE' && $PY -m benchmarks.profile_kernels"
 fi
 { echo; echo "Benchmark table: the cuda-*.md file beside this summary."; } >> "$summary"
 cat "$summary"
