@@ -32,6 +32,7 @@ SHAPES = [
     (3, 24, 4, 4),     # 4x4 planes (one AVX-512 vector) at a small batch: walked as planes
     (32, 24, 4, 4),    # the same from N = 32: walked as rows
     (3, 6, 4, 5, 3),   # (N, C, D, H, W): BatchNorm3d, planar and channels_last_3d
+    (16, 64, 32, 32),  # 4 MiB of float32: planes in blocks, not whole-channel tasks (bfloat16: whole)
 ]
 # CUDA only: channels too large for the fused one-launch kernels, so the split reduction runs
 # (short planes over several planes per block; rows merged from over 64 partials per channel;
@@ -468,6 +469,7 @@ def test_empty_batch(device, shape, channels_last):
     ((16, 8, 33, 17), False), ((40, 16, 12, 12), False), ((64, 3, 40, 40), False), ((4, 64, 12, 12), True),
     ((200, 1000), False), ((300, 64), False), ((128, 64, 2, 2), False), ((512, 7, 3, 3), False),
     ((64, 32, 5, 5), False), ((16, 512, 4, 4), False), ((40, 64, 15, 15), True), ((4096, 128), False),
+    ((16, 64, 32, 32), False),
 ])
 def test_deterministic_across_thread_counts(shape, channels_last):
     """The same bits whatever the thread count (which also picks between the per-channel and the
