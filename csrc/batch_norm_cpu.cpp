@@ -37,6 +37,17 @@ constexpr int64_t kPlaneBlock = 4096;  // values of one channel per block (16 KB
 constexpr int64_t kRowsBlock = 65536;  // values per row-chunk in the channels-innermost layout (L2)
 constexpr int64_t kGrainValues = 32768;  // below this, a parallel region runs inline
 
+// Inputs larger than this come from memory, not from the caches (2 MB of L2 a core here): the
+// elementwise passes over their rows walk them one row after the other (cpu/kernels.h:
+// from_memory). Paired in one process, the same bits (EPYC VM): channels_last float32 at 6-32 MiB
+// fwd+bwd 1.15-1.54x as fast, eval 0.92-1.91x; at 4 MiB and below the blocks of rows are as fast
+// or faster (benchmarks/results/cpu-2026-11-27-epyc-rows-from-memory.md).
+constexpr int64_t kFromMemoryBytes = int64_t(4) << 20;
+
+bool from_memory(const Tensor& input) {
+  return int64_t(input.numel()) * int64_t(input.element_size()) > kFromMemoryBytes;
+}
+
 // at::parallel_for grain for `tasks` tasks over `values` values in all: one inline task for
 // small inputs, where waking the other threads costs more than the work.
 int64_t grain(int64_t tasks, int64_t values) { return values < kGrainValues ? std::max<int64_t>(tasks, 1) : 1; }
@@ -604,6 +615,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_cpu(const Tensor& input, const Opt
     const T* x = reinterpret_cast<const T*>(L.x.const_data_ptr<scalar_t>());
     T* y = reinterpret_cast<T*>(out.data_ptr<scalar_t>());
     std::vector<A> m(C), scale(C), shift(C);
+    const bool in_memory = from_memory(input);
     auto constants = [&](int64_t c0, int64_t c1) {
       forward_constants(c0, c1, training, M, eps, mean.data(), m2.data(), w.data(), b.data(), var.data(),
                         invstd.data(), m.data(), scale.data(), shift.data());
@@ -637,7 +649,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_cpu(const Tensor& input, const Opt
           [&](int64_t q0, int64_t q1) {
             for (int64_t q = q0; q < q1; ++q) {
               const int64_t o = rc.first(q) * C;
-              k.rows_normalize(x + o, y + o, rc.length(q), C, C, m.data(), scale.data(), shift.data());
+              k.rows_normalize(x + o, y + o, rc.length(q), C, C, m.data(), scale.data(), shift.data(), in_memory);
             }
           });
       normalized = true;
@@ -655,7 +667,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_cpu(const Tensor& input, const Opt
       for_each_span(
           R, no_planes,
           [&](int64_t r0, int64_t nr) {
-            k.rows_normalize(x + r0 * R.C, y + r0 * R.C, nr, R.C, R.C, cm.get(), cs.get(), csh.get());
+            k.rows_normalize(x + r0 * R.C, y + r0 * R.C, nr, R.C, R.C, cm.get(), cs.get(), csh.get(), in_memory);
           },
           kMinShortPlaneRowsToThread);
       normalized = true;
@@ -669,9 +681,12 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_cpu(const Tensor& input, const Opt
       return;
     }
     for_each_span(
-        L, [&](int64_t off, int64_t runs, int64_t len, int64_t stride, int64_t c) { k.plane_normalize(x + off, y + off, runs, len, stride, m[c], scale[c], shift[c]); },
+        L,
+        [&](int64_t off, int64_t runs, int64_t len, int64_t stride, int64_t c) {
+          k.plane_normalize(x + off, y + off, runs, len, stride, m[c], scale[c], shift[c]);
+        },
         [&](int64_t r0, int64_t nr) {
-          k.rows_normalize(x + r0 * C, y + r0 * C, nr, C, C, m.data(), scale.data(), shift.data());
+          k.rows_normalize(x + r0 * C, y + r0 * C, nr, C, C, m.data(), scale.data(), shift.data(), in_memory);
         });
     normalized = true;
   });
@@ -768,7 +783,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_backward_reduce_cpu(const 
 template <typename T>
 void grad_input_pass(const BatchNormLayout& L, const T* g, const T* x, T* d, const std::vector<cpu::acc_t<T>>& m,
                      const std::vector<cpu::acc_t<T>>& a, const std::vector<cpu::acc_t<T>>& b,
-                     const std::vector<cpu::acc_t<T>>& c) {
+                     const std::vector<cpu::acc_t<T>>& c, bool in_memory) {
   const auto& k = cpu::kernels_for<T>();
   const int64_t C = L.C;
   if (short_planes(L)) {
@@ -780,7 +795,7 @@ void grad_input_pass(const BatchNormLayout& L, const T* g, const T* x, T* d, con
         R, no_planes,
         [&](int64_t r0, int64_t nr) {
           k.rows_grad_input(g + r0 * R.C, x + r0 * R.C, d + r0 * R.C, nr, R.C, R.C, cm.get(), ca.get(), cb.get(),
-                            cc.get());
+                            cc.get(), in_memory);
         },
         kMinShortPlaneRowsToThread);
     return;
@@ -797,7 +812,7 @@ void grad_input_pass(const BatchNormLayout& L, const T* g, const T* x, T* d, con
         k.plane_grad_input(g + off, x + off, d + off, runs, len, stride, m[j], a[j], b[j], c[j]);
       },
       [&](int64_t r0, int64_t nr) {
-        k.rows_grad_input(g + r0 * C, x + r0 * C, d + r0 * C, nr, C, C, m.data(), a.data(), b.data(), c.data());
+        k.rows_grad_input(g + r0 * C, x + r0 * C, d + r0 * C, nr, C, C, m.data(), a.data(), b.data(), c.data(), in_memory);
       });
 }
 
@@ -822,7 +837,7 @@ Tensor batch_norm_backward_input_cpu(const Tensor& grad_output, const Tensor& in
     grad_input_constants(w, is, s1.data(), s2.data(), M, 0, C, a.data(), b.data(), c.data());
     grad_input_pass<T>(L, reinterpret_cast<const T*>(dy.const_data_ptr<scalar_t>()),
                        reinterpret_cast<const T*>(L.x.const_data_ptr<scalar_t>()),
-                       reinterpret_cast<T*>(dx.data_ptr<scalar_t>()), m, a, b, c);
+                       reinterpret_cast<T*>(dx.data_ptr<scalar_t>()), m, a, b, c, from_memory(input));
   });
   return dx;
 }
@@ -852,6 +867,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(const Tensor& grad_ou
     const T* g = reinterpret_cast<const T*>(dy.const_data_ptr<scalar_t>());
     T* d = reinterpret_cast<T*>(dx.data_ptr<scalar_t>());
     std::vector<A> m(mu.begin(), mu.end()), a(C), b(C), c(C);
+    const bool in_memory = from_memory(input);
     auto constants = [&](int64_t j0, int64_t j1) {
       grad_input_constants(w, is, sdy.data(), sdyxmu.data(), M, j0, j1, a.data(), b.data(), c.data());
     };
@@ -859,7 +875,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(const Tensor& grad_ou
     if (!fused && !phases) {  // sums, constants, dx: the arithmetic of reduce-then-input
       grad_sums<T>(L, g, x, m.data(), sdy.data(), sdyxmu.data());
       constants(0, C);
-      grad_input_pass<T>(L, g, x, d, m, a, b, c);
+      grad_input_pass<T>(L, g, x, d, m, a, b, c, in_memory);
       return;
     }
     if (phases) {  // chunk sums | per-channel sums, constants | dx of the chunks
@@ -881,7 +897,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(const Tensor& grad_ou
           [&](int64_t q0, int64_t q1) {
             for (int64_t q = q0; q < q1; ++q) {
               const int64_t o = rc.first(q) * C;
-              k.rows_grad_input(g + o, x + o, d + o, rc.length(q), C, C, m.data(), a.data(), b.data(), c.data());
+              k.rows_grad_input(g + o, x + o, d + o, rc.length(q), C, C, m.data(), a.data(), b.data(), c.data(), in_memory);
             }
           });
       return;

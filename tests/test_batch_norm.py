@@ -32,7 +32,8 @@ SHAPES = [
     (3, 24, 4, 4),     # 4x4 planes (one AVX-512 vector) at a small batch: walked as planes
     (32, 24, 4, 4),    # the same from N = 32: walked as rows
     (3, 6, 4, 5, 3),   # (N, C, D, H, W): BatchNorm3d, planar and channels_last_3d
-    (16, 64, 32, 32),  # 4 MiB of float32: planes in blocks, not whole-channel tasks (bfloat16: whole)
+    (17, 64, 32, 32),  # over 4 MiB of float32: planes in blocks, not whole-channel tasks (bfloat16: whole);
+                       # channels_last rows walked one after the other, not in blocks of rows
 ]
 # CUDA only: channels too large for the fused one-launch kernels, so the split reduction runs
 # (short planes over several planes per block; rows merged from over 64 partials per channel;
@@ -469,7 +470,7 @@ def test_empty_batch(device, shape, channels_last):
     ((16, 8, 33, 17), False), ((40, 16, 12, 12), False), ((64, 3, 40, 40), False), ((4, 64, 12, 12), True),
     ((200, 1000), False), ((300, 64), False), ((128, 64, 2, 2), False), ((512, 7, 3, 3), False),
     ((64, 32, 5, 5), False), ((16, 512, 4, 4), False), ((40, 64, 15, 15), True), ((4096, 128), False),
-    ((16, 64, 32, 32), False),
+    ((17, 64, 32, 32), False), ((17, 64, 32, 32), True),
 ])
 def test_deterministic_across_thread_counts(shape, channels_last):
     """The same bits whatever the thread count (which also picks between the per-channel and the
@@ -489,6 +490,33 @@ def test_deterministic_across_thread_counts(shape, channels_last):
     for other in results[1:]:
         for a, b_ in zip(results[0], other):
             assert torch.equal(a, b_)
+
+
+@pytest.mark.parametrize("shape,dtype,n_small", [
+    ((32, 64, 32, 32), torch.float32, 2),   # channels_last, rows of 256 bytes
+    ((16, 64, 32, 32), torch.float64, 2),
+    ((4096, 512), torch.float32, 256),      # BatchNorm1d, rows of 2 KB
+])
+def test_rows_from_memory_match_rows_in_cache(shape, dtype, n_small):
+    """Float rows of inputs over 4 MiB are walked one after the other, smaller inputs' in blocks of
+    rows (csrc/batch_norm_cpu.cpp: kFromMemoryBytes): the same bits. Given the statistics both
+    passes are elementwise, so the first rows alone (in cache) must give the bits of the same rows
+    of the whole (from memory): eval, and backward_input with its sums scaled by the ratio of the
+    counts (a power of 2: exact)."""
+    x, w, b, rm, rv = make_case(shape, dtype, "cpu", channels_last=len(shape) == 4)
+    assert x.numel() * x.element_size() > 4 << 20 and x[:n_small].numel() * x.element_size() < 4 << 20
+    y = F.batch_norm(x, rm, rv, w, b, training=False)
+    assert torch.equal(y[:n_small], F.batch_norm(x[:n_small], rm, rv, w, b, training=False))
+
+    ops = torch.ops.fastbn
+    g = torch.randn_like(x)
+    _, mean, invstd = ops.batch_norm(x, w, b, None, None, True, 0.1, 1e-5)
+    sum_dy, sum_dy_xmu, _, _ = ops.batch_norm_backward_reduce(g, x, mean, invstd, w)
+    ratio = shape[0] // n_small
+    dx = ops.batch_norm_backward_input(g, x, mean, invstd, w, sum_dy, sum_dy_xmu)
+    dx_small = ops.batch_norm_backward_input(g[:n_small], x[:n_small], mean, invstd, w, sum_dy / ratio,
+                                             sum_dy_xmu / ratio)
+    assert torch.equal(dx[:n_small], dx_small)
 
 
 def test_arbitrary_strides_are_accepted():

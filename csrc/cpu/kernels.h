@@ -54,13 +54,15 @@ struct Kernels {
   // --- BatchNorm, channels innermost: `rows` rows of C channels, `stride` apart ----------------
   // per-channel mean (as its deviation from the row `base`) and m2 of the block, written
   void (*rows_stats)(const T* x, int64_t rows, int64_t C, int64_t stride, const T* base, A* dmean, A* m2);
+  // from_memory: the tensor does not fit the caches (the caller knows its size): rows in memory
+  // order rather than in blocks of rows
   void (*rows_normalize)(const T* x, T* y, int64_t rows, int64_t C, int64_t stride, const A* mean,
-                         const A* scale, const A* shift);
+                         const A* scale, const A* shift, bool from_memory);
   // per-channel sums of the block, written (not accumulated) to sdy/sdyxmu
   void (*rows_grad_sums)(const T* dy, const T* x, int64_t rows, int64_t C, int64_t stride, const A* mean,
                          A* sdy, A* sdyxmu);
   void (*rows_grad_input)(const T* dy, const T* x, T* dx, int64_t rows, int64_t C, int64_t stride,
-                          const A* mean, const A* a, const A* b, const A* c);
+                          const A* mean, const A* a, const A* b, const A* c, bool from_memory);
 
   // --- Linear + LeakyReLU epilogues on a (rows, N) block ------------------------------------
   // z <- leaky_relu(z + bias), in place; bias may be null
