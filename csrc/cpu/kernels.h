@@ -54,8 +54,8 @@ struct Kernels {
   // --- BatchNorm, channels innermost: `rows` rows of C channels, `stride` apart ----------------
   // per-channel mean (as its deviation from the row `base`) and m2 of the block, written
   void (*rows_stats)(const T* x, int64_t rows, int64_t C, int64_t stride, const T* base, A* dmean, A* m2);
-  // from_memory: the tensor does not fit the caches (the caller knows its size): rows in memory
-  // order rather than in blocks of rows
+  // from_memory: the tensor does not fit the caches (the caller knows its size): float rows of up
+  // to 2 KB are walked one after the other rather than in blocks of rows (kernels_impl.inc: by_row)
   void (*rows_normalize)(const T* x, T* y, int64_t rows, int64_t C, int64_t stride, const A* mean,
                          const A* scale, const A* shift, bool from_memory);
   // per-channel sums of the block, written (not accumulated) to sdy/sdyxmu
