@@ -42,11 +42,12 @@ constexpr int64_t kGrainValues = 32768;  // below this, a parallel region runs i
 // from_memory). Paired in one process, the same bits (EPYC VM): channels_last float32 at 6-32 MiB
 // fwd+bwd 1.15-1.54x as fast, eval 0.92-1.91x; at 4 MiB and below the blocks of rows are as fast
 // or faster (benchmarks/results/cpu-2026-11-27-epyc-rows-from-memory.md).
+// (The planar walks switch at the same size, for their own reason: kWholeChannelMaxBytes.)
 constexpr int64_t kFromMemoryBytes = int64_t(4) << 20;
 
-bool from_memory(const Tensor& input) {
-  return int64_t(input.numel()) * int64_t(input.element_size()) > kFromMemoryBytes;
-}
+int64_t bytes_of(const Tensor& t) { return int64_t(t.numel()) * int64_t(t.element_size()); }
+
+bool from_memory(const Tensor& input) { return bytes_of(input) > kFromMemoryBytes; }
 
 // at::parallel_for grain for `tasks` tasks over `values` values in all: one inline task for
 // small inputs, where waking the other threads costs more than the work.
@@ -350,7 +351,7 @@ struct ChannelGroups {
     if (L.planar) {
       width = 1;
       count = L.C;
-      usable = parallel_over_channels(L) && L.x.numel() * L.x.element_size() < kWholeChannelMaxBytes;
+      usable = parallel_over_channels(L) && bytes_of(L.x) < kWholeChannelMaxBytes;
     } else {
       const int64_t itemsize = L.x.element_size();
       const ColumnSlices cs(L.C, itemsize);
