@@ -192,6 +192,8 @@ bool parallel_over_channels(const BatchNormLayout& L) {
 // 0.4-0.7x and 0.5-0.9x).
 constexpr int64_t kMinRowsForVectorPlanes = 32;
 bool vector_planes(const BatchNormLayout& L) { return L.planar && L.S == 16 && L.N < kMinRowsForVectorPlanes; }
+// (so a vector-plane channel is one ChannelBlocks block: its partials sit at index c)
+static_assert(kMinRowsForVectorPlanes * 16 <= kPlaneBlock, "vector planes: one block a channel");
 bool short_planes(const BatchNormLayout& L) { return L.planar && L.S < kMinRun && !vector_planes(L); }
 
 // The elementwise passes over short planes walked as rows run on one thread below this many rows: the
@@ -463,9 +465,15 @@ void channel_moments(const BatchNormLayout& L, const T* x, double* mean, double*
     const ChannelBlocks cb(L);
     const int64_t K = cb.count;
     auto pmean = partials<double>(K * C), pm2 = partials<double>(K * C);  // block b of channel c at [b * C + c]
-    cb.parallel_each(L.x.numel(), [&](int64_t i, int64_t, int64_t off, int64_t runs, int64_t len) {
-      k.plane_stats(x + off, runs, len, cb.stride(), &pmean[i], &pm2[i]);
-    });
+    if (vector_planes(L)) {  // one block a channel (K = 1): whole ranges of channels a call
+      for_channel_ranges(L, [&](int64_t c0, int64_t c1, int64_t o) {
+        k.planes_stats(x + o, L.N, c1 - c0, L.S, cb.stride(), &pmean[c0], &pm2[c0]);
+      });
+    } else {
+      cb.parallel_each(L.x.numel(), [&](int64_t i, int64_t, int64_t off, int64_t runs, int64_t len) {
+        k.plane_stats(x + off, runs, len, cb.stride(), &pmean[i], &pm2[i]);
+      });
+    }
     merge_columns(K, [&](int64_t b) { return cb.values(b); }, pmean.get(), pm2.get(), C, C, mean, m2);
     return;
   }
@@ -731,9 +739,15 @@ void grad_sums(const BatchNormLayout& L, const T* g, const T* x, const cpu::acc_
     const ChannelBlocks cb(L);
     const int64_t K = cb.count;
     auto p1 = partials<double>(K * C), p2 = partials<double>(K * C);  // block b of channel c at [b * C + c]
-    cb.parallel_each(L.x.numel(), [&](int64_t i, int64_t c, int64_t off, int64_t runs, int64_t len) {
-      k.plane_grad_sums(g + off, x + off, runs, len, cb.stride(), mu[c], &p1[i], &p2[i]);
-    });
+    if (vector_planes(L)) {  // as channel_moments
+      for_channel_ranges(L, [&](int64_t c0, int64_t c1, int64_t o) {
+        k.planes_grad_sums(g + o, x + o, L.N, c1 - c0, L.S, cb.stride(), &mu[c0], &p1[c0], &p2[c0]);
+      });
+    } else {
+      cb.parallel_each(L.x.numel(), [&](int64_t i, int64_t c, int64_t off, int64_t runs, int64_t len) {
+        k.plane_grad_sums(g + off, x + off, runs, len, cb.stride(), mu[c], &p1[i], &p2[i]);
+      });
+    }
     sum_partials(K, p1.get(), p2.get(), C, 0, C, sdy, sdyxmu);  // block order, as group_grad_sums
     return;
   }

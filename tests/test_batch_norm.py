@@ -492,6 +492,29 @@ def test_deterministic_across_thread_counts(shape, channels_last):
             assert torch.equal(a, b_)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 19, 4, 4), (3, 37, 4, 4), (31, 21, 4, 4)])
+def test_vector_planes_channels_independent(shape, dtype):
+    """4x4 planes at batches under 32 are reduced several channels at a time in memory order
+    (cpu/kernels_impl.inc: planes_stats, planes_grad_sums), each channel's sums as if alone: any
+    run of channels, wherever it starts, gives the bits of the same channels in the whole input
+    (statistics, output, every gradient)."""
+    ops = torch.ops.fastbn
+    x, w, b, _, _ = make_case(shape, dtype, "cpu")
+    g = torch.randn_like(x)
+
+    def run(sl):
+        xs, gs = x[:, sl].contiguous(), g[:, sl].contiguous()
+        y, mean, invstd = ops.batch_norm(xs, w[sl], b[sl], None, None, True, 0.1, 1e-5)
+        return (y, mean, invstd, *ops.batch_norm_backward(gs, xs, mean, invstd, w[sl]))
+
+    whole = run(slice(None))
+    for sl in (slice(0, 1), slice(5, 6), slice(3, 14), slice(shape[1] - 9, shape[1])):
+        part = run(sl)
+        for name, a, p in zip(("y", "mean", "invstd", "dx", "dweight", "dbias"), whole, part):
+            assert torch.equal(a[:, sl] if a.dim() > 1 else a[sl], p), (name, sl)
+
+
 @pytest.mark.parametrize("shape,dtype,n_small", [
     ((32, 64, 32, 32), torch.float32, 2),   # channels_last, rows of 256 bytes
     ((16, 64, 32, 32), torch.float64, 2),

@@ -50,6 +50,11 @@ struct Kernels {
   // plane_grad_input over W consecutive channels at once, likewise
   void (*planes_grad_input)(const T* dy, const T* x, T* dx, int64_t runs, int64_t W, int64_t n, int64_t stride,
                             const A* mean, const A* a, const A* b, const A* c);
+  // plane_stats and plane_grad_sums over W consecutive channels at once, likewise, channel j's
+  // results (the bits plane_stats / plane_grad_sums give it) at index j
+  void (*planes_stats)(const T* x, int64_t runs, int64_t W, int64_t n, int64_t stride, double* mean, double* m2);
+  void (*planes_grad_sums)(const T* dy, const T* x, int64_t runs, int64_t W, int64_t n, int64_t stride,
+                           const A* mean, double* sdy, double* sdyxmu);
 
   // --- BatchNorm, channels innermost: `rows` rows of C channels, `stride` apart ----------------
   // per-channel mean (as its deviation from the row `base`) and m2 of the block, written
