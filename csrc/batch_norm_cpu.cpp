@@ -171,7 +171,7 @@ void sum_partials(int64_t K, const P* p1, const P* p2, int64_t C, int64_t c0, in
 }
 
 // Whole channels per task when there are enough of them (a channel's values are N runs of S,
-// C * S apart; the kernels prefetch short runs ahead) and runs are at least two vectors; else
+// C * S apart) and runs are at least two vectors; else
 // the threads share all (block, channel) pairs, then a per-channel merge. Both walk the same
 // blocks and merge them in the same order: the same results to the bit.
 constexpr int64_t kMinRun = 32;
