@@ -343,6 +343,24 @@ constexpr int64_t kGroupCacheBytes = int64_t(1) << 20;
 // unchanged (benchmarks/results/cpu-2026-11-27-epyc-whole-channels.md).
 constexpr int64_t kWholeChannelMaxBytes = int64_t(4) << 20;
 
+// Whole-channel tasks over short planes of whole cache lines (up to 512 bytes: 4x4 and 8x8 maps)
+// take groups of up to 8 channels rather than one: run by run over the group's planes, which lie
+// back to back in each run (cpu/kernels.h: planes_*), each channel's arithmetic that of a channel
+// alone (the same bits). A channel alone is one chain of sums and a few lines from each run,
+// C * S values apart. Paired in one process, the same bits (EPYC VM): forward op 1.34-1.70x and
+// backward op 1.0-1.7x as fast at 8x8 planes (32x256x8x8: 1.6x both); 16x16 and 10x10 planes
+// gained nothing (0.88-1.07x), groups of 2 channels lost (0.93-0.95x at 40x16x12x12), and groups
+// over 256 KB (x and dy) lost in the backward (0.96x at 128x64x8x8 with 512 KB groups):
+// benchmarks/results/cpu-2026-11-27-planar-stats.md.
+constexpr int64_t kPlanesPerGroup = 8;
+constexpr int64_t kMinPlanesPerGroup = 4;
+constexpr int64_t kGroupedPlaneBytes = 512;
+constexpr int64_t kPlaneGroupBytes = int64_t(256) << 10;
+bool planes_side_by_side(const BatchNormLayout& L) {
+  const int64_t bytes = L.S * int64_t(L.x.element_size());
+  return L.planar && bytes <= kGroupedPlaneBytes && bytes % 64 == 0;
+}
+
 struct ChannelGroups {
   // usable: whole-channel tasks apply, and (unless bytes_per_value is 0) a group's values fit
   // kGroupCacheBytes, so that the fused paths re-read them from cache
@@ -351,8 +369,12 @@ struct ChannelGroups {
   ChannelGroups(const BatchNormLayout& L, int64_t bytes_per_value) {
     const int64_t threads = at::get_num_threads();
     if (L.planar) {
-      width = 1;
-      count = L.C;
+      width = planes_side_by_side(L)
+                  ? std::min<int64_t>({kPlanesPerGroup, L.C / (4 * threads),
+                                       bytes_per_value ? kPlaneGroupBytes / (L.per_channel() * bytes_per_value) : kPlanesPerGroup})
+                  : 1;
+      if (width < kMinPlanesPerGroup) width = 1;
+      count = (L.C + width - 1) / width;
       usable = parallel_over_channels(L) && bytes_of(L.x) < kWholeChannelMaxBytes;
     } else {
       const int64_t itemsize = L.x.element_size();
@@ -375,15 +397,19 @@ void group_moments(const BatchNormLayout& L, const T* x, int64_t c0, int64_t W, 
   const auto& k = cpu::kernels_for<T>();
   if (L.planar) {
     const ChannelBlocks cb(L);
-    thread_local std::vector<double> scratch;  // per block: mean, m2
-    scratch.resize(2 * cb.count);
-    double *bm = scratch.data(), *bm2 = bm + cb.count;
-    for (int64_t c = c0; c < c0 + W; ++c) {
-      cb.each(c, [&](int64_t b, int64_t off, int64_t runs, int64_t len) {
+    thread_local std::vector<double> scratch;  // per block and channel: mean, m2 (block b of c0 + j at [b * W + j])
+    scratch.resize(2 * cb.count * W);
+    double *bm = scratch.data(), *bm2 = bm + cb.count * W;
+    if (W > 1) {  // planes_side_by_side: whole planes per block
+      for (int64_t b = 0; b < cb.count; ++b)
+        k.planes_stats(x + cb.start(b) + c0 * L.S, cb.runs(b), W, L.S, cb.stride(), &bm[b * W], &bm2[b * W]);
+    } else {
+      cb.each(c0, [&](int64_t b, int64_t off, int64_t runs, int64_t len) {
         k.plane_stats(x + off, runs, len, cb.stride(), &bm[b], &bm2[b]);
       });
-      merge_moments(cb.count, [&](int64_t b) { return cb.values(b); }, bm, bm2, 1, &mean[c], &m2[c]);
     }
+    for (int64_t j = 0; j < W; ++j)
+      merge_moments(cb.count, [&](int64_t b) { return cb.values(b); }, &bm[j], &bm2[j], W, &mean[c0 + j], &m2[c0 + j]);
     return;
   }
   const int64_t C = L.C;
@@ -400,10 +426,16 @@ void group_normalize(const BatchNormLayout& L, const T* x, T* y, int64_t c0, int
                      const cpu::acc_t<T>* scale, const cpu::acc_t<T>* shift) {
   const auto& k = cpu::kernels_for<T>();
   const ChannelBlocks cb(L);
-  for (int64_t c = c0; c < c0 + W; ++c)
-    cb.each(c, [&](int64_t, int64_t off, int64_t runs, int64_t len) {
-      k.plane_normalize(x + off, y + off, runs, len, cb.stride(), m[c], scale[c], shift[c]);
-    });
+  if (W > 1) {  // planes_side_by_side
+    for (int64_t b = 0; b < cb.count; ++b) {
+      const int64_t o = cb.start(b) + c0 * L.S;
+      k.planes_normalize(x + o, y + o, cb.runs(b), W, L.S, cb.stride(), &m[c0], &scale[c0], &shift[c0]);
+    }
+    return;
+  }
+  cb.each(c0, [&](int64_t, int64_t off, int64_t runs, int64_t len) {
+    k.plane_normalize(x + off, y + off, runs, len, cb.stride(), m[c0], scale[c0], shift[c0]);
+  });
 }
 
 // sum(dy), sum(dy * (x - mean)) of channels [c0, c0 + W) of a planar layout into sdy/sdyxmu
@@ -413,16 +445,27 @@ void group_grad_sums(const BatchNormLayout& L, const T* g, const T* x, int64_t c
                      const cpu::acc_t<T>* mu, double* sdy, double* sdyxmu) {
   const auto& k = cpu::kernels_for<T>();
   const ChannelBlocks cb(L);
-  for (int64_t c = c0; c < c0 + W; ++c) {
-    double s1 = 0, s2 = 0;
-    cb.each(c, [&](int64_t, int64_t off, int64_t runs, int64_t len) {
-      double b1, b2;
-      k.plane_grad_sums(g + off, x + off, runs, len, cb.stride(), mu[c], &b1, &b2);
-      s1 += b1;
-      s2 += b2;
+  thread_local std::vector<double> scratch;  // per block and channel, as group_moments
+  scratch.resize(2 * cb.count * W);
+  double *p1 = scratch.data(), *p2 = p1 + cb.count * W;
+  if (W > 1) {  // planes_side_by_side
+    for (int64_t b = 0; b < cb.count; ++b) {
+      const int64_t o = cb.start(b) + c0 * L.S;
+      k.planes_grad_sums(g + o, x + o, cb.runs(b), W, L.S, cb.stride(), &mu[c0], &p1[b * W], &p2[b * W]);
+    }
+  } else {
+    cb.each(c0, [&](int64_t b, int64_t off, int64_t runs, int64_t len) {
+      k.plane_grad_sums(g + off, x + off, runs, len, cb.stride(), mu[c0], &p1[b], &p2[b]);
     });
-    sdy[c] = s1;
-    sdyxmu[c] = s2;
+  }
+  for (int64_t j = 0; j < W; ++j) {  // block order, as sum_partials
+    double s1 = 0, s2 = 0;
+    for (int64_t b = 0; b < cb.count; ++b) {
+      s1 += p1[b * W + j];
+      s2 += p2[b * W + j];
+    }
+    sdy[c0 + j] = s1;
+    sdyxmu[c0 + j] = s2;
   }
 }
 
@@ -433,10 +476,16 @@ void group_grad_input(const BatchNormLayout& L, const T* g, const T* x, T* dx, i
                       const cpu::acc_t<T>* m, const cpu::acc_t<T>* a, const cpu::acc_t<T>* b, const cpu::acc_t<T>* c) {
   const auto& k = cpu::kernels_for<T>();
   const ChannelBlocks cb(L);
-  for (int64_t ch = c0; ch < c0 + W; ++ch)
-    cb.each(ch, [&](int64_t, int64_t off, int64_t runs, int64_t len) {
-      k.plane_grad_input(g + off, x + off, dx + off, runs, len, cb.stride(), m[ch], a[ch], b[ch], c[ch]);
-    });
+  if (W > 1) {  // planes_side_by_side
+    for (int64_t blk = 0; blk < cb.count; ++blk) {
+      const int64_t o = cb.start(blk) + c0 * L.S;
+      k.planes_grad_input(g + o, x + o, dx + o, cb.runs(blk), W, L.S, cb.stride(), &m[c0], &a[c0], &b[c0], &c[c0]);
+    }
+    return;
+  }
+  cb.each(c0, [&](int64_t, int64_t off, int64_t runs, int64_t len) {
+    k.plane_grad_input(g + off, x + off, dx + off, runs, len, cb.stride(), m[c0], a[c0], b[c0], c[c0]);
+  });
 }
 
 // Per-channel (mean, m2), stable and deterministic: whole-channel tasks where the layout allows

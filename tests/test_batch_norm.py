@@ -470,7 +470,7 @@ def test_empty_batch(device, shape, channels_last):
     ((16, 8, 33, 17), False), ((40, 16, 12, 12), False), ((64, 3, 40, 40), False), ((4, 64, 12, 12), True),
     ((200, 1000), False), ((300, 64), False), ((128, 64, 2, 2), False), ((512, 7, 3, 3), False),
     ((64, 32, 5, 5), False), ((16, 512, 4, 4), False), ((40, 64, 15, 15), True), ((4096, 128), False),
-    ((17, 64, 32, 32), False), ((17, 64, 32, 32), True),
+    ((17, 64, 32, 32), False), ((17, 64, 32, 32), True), ((32, 64, 8, 8), False),
 ])
 def test_deterministic_across_thread_counts(shape, channels_last):
     """The same bits whatever the thread count (which also picks between the per-channel and the
@@ -493,12 +493,13 @@ def test_deterministic_across_thread_counts(shape, channels_last):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(1, 19, 4, 4), (3, 37, 4, 4), (31, 21, 4, 4)])
-def test_vector_planes_channels_independent(shape, dtype):
-    """4x4 planes at batches under 32 are reduced several channels at a time in memory order
-    (cpu/kernels_impl.inc: planes_stats, planes_grad_sums), each channel's sums as if alone: any
-    run of channels, wherever it starts, gives the bits of the same channels in the whole input
-    (statistics, output, every gradient)."""
+@pytest.mark.parametrize("shape", [(1, 19, 4, 4), (3, 37, 4, 4), (31, 21, 4, 4), (5, 37, 8, 8), (40, 64, 8, 8)])
+def test_planes_side_by_side_channels_independent(shape, dtype):
+    """4x4 planes at batches under 32, and whole-channel tasks over planes of up to 512 bytes, are
+    walked several channels at a time in memory order (cpu/kernels_impl.inc: planes_stats,
+    planes_grad_sums; csrc/batch_norm_cpu.cpp: planes_side_by_side), each channel's sums as if
+    alone: any run of channels, wherever it starts (a single channel takes the per-channel path),
+    gives the bits of the same channels in the whole input (statistics, output, every gradient)."""
     ops = torch.ops.fastbn
     x, w, b, _, _ = make_case(shape, dtype, "cpu")
     g = torch.randn_like(x)
