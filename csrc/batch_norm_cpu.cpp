@@ -738,6 +738,14 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_cpu(const Tensor& input, const Opt
       normalized = true;
       return;
     }
+    if (L.planar && groups.usable && groups.width > 1) {  // eval over short planes in channel groups, as the fused forward
+      at::parallel_for(0, groups.count, grain(groups.count, L.x.numel()), [&](int64_t g0, int64_t g1) {
+        for (int64_t g = g0; g < g1; ++g)
+          group_normalize<T>(L, x, y, groups.start(g), groups.length(g, C), m.data(), scale.data(), shift.data());
+      });
+      normalized = true;
+      return;
+    }
     for_each_span(
         L,
         [&](int64_t off, int64_t runs, int64_t len, int64_t stride, int64_t c) {

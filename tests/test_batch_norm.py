@@ -499,20 +499,22 @@ def test_planes_side_by_side_channels_independent(shape, dtype):
     walked several channels at a time in memory order (cpu/kernels_impl.inc: planes_stats,
     planes_grad_sums; csrc/batch_norm_cpu.cpp: planes_side_by_side), each channel's sums as if
     alone: any run of channels, wherever it starts (a single channel takes the per-channel path),
-    gives the bits of the same channels in the whole input (statistics, output, every gradient)."""
+    gives the bits of the same channels in the whole input (statistics, output, every gradient,
+    eval's output)."""
     ops = torch.ops.fastbn
-    x, w, b, _, _ = make_case(shape, dtype, "cpu")
+    x, w, b, rm, rv = make_case(shape, dtype, "cpu")
     g = torch.randn_like(x)
 
     def run(sl):
         xs, gs = x[:, sl].contiguous(), g[:, sl].contiguous()
         y, mean, invstd = ops.batch_norm(xs, w[sl], b[sl], None, None, True, 0.1, 1e-5)
-        return (y, mean, invstd, *ops.batch_norm_backward(gs, xs, mean, invstd, w[sl]))
+        y_eval, _, _ = ops.batch_norm(xs, w[sl], b[sl], rm[sl], rv[sl], False, 0.1, 1e-5)
+        return (y, mean, invstd, *ops.batch_norm_backward(gs, xs, mean, invstd, w[sl]), y_eval)
 
     whole = run(slice(None))
     for sl in (slice(0, 1), slice(5, 6), slice(3, 14), slice(shape[1] - 9, shape[1])):
         part = run(sl)
-        for name, a, p in zip(("y", "mean", "invstd", "dx", "dweight", "dbias"), whole, part):
+        for name, a, p in zip(("y", "mean", "invstd", "dx", "dweight", "dbias", "eval"), whole, part):
             assert torch.equal(a[:, sl] if a.dim() > 1 else a[sl], p), (name, sl)
 
 
