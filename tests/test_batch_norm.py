@@ -23,6 +23,7 @@ SHAPES = [
     (4, 3, 5, 5),      # odd sizes
     (2, 1, 96, 96),    # one channel, large H*W (several blocks per plane)
     (8, 16, 8, 8),
+    (6, 41, 8, 8),     # 8x8 planes in groups of channels on the CPU (5 a group at 2 threads, the last alone)
     (3, 1000, 2, 3),   # many channels, tiny planes
     (40, 16, 12, 12),  # short planes: several runs per block, several blocks per channel
     (4, 64, 12, 12),   # channels_last: rows of whole cache lines, the minimum of 4 row chunks
