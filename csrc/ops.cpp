@@ -34,6 +34,11 @@ TORCH_LIBRARY(fastbn, m) {
   // (grad_preactivation, grad_bias) from the output gradient and `saved`, a tensor whose sign is
   // the pre-activation's (the output itself when negative_slope >= 0).
   m.def("leaky_relu_backward_bias(Tensor grad_output, Tensor saved, float negative_slope) -> (Tensor, Tensor)");
+  // (grad_input, grad_weight, grad_bias) of linear_leaky_relu from the output gradient, the input,
+  // the weight and `saved` (as above): leaky_relu_backward_bias, then the two GEMMs.
+  m.def(
+      "linear_leaky_relu_backward(Tensor grad_output, Tensor input, Tensor weight, Tensor saved, "
+      "float negative_slope) -> (Tensor, Tensor, Tensor)");
 }
 
 #ifndef FASTBN_WITH_CUDA

@@ -63,6 +63,12 @@ def _(grad_output, saved, negative_slope):
     )
 
 
+@torch.library.register_fake("fastbn::linear_leaky_relu_backward")
+def _(grad_output, input, weight, saved, negative_slope):
+    grad_weight = torch.empty_like(weight, memory_format=torch.contiguous_format)
+    return input.new_empty(input.shape), grad_weight, saved.new_empty((weight.shape[0],))
+
+
 # ---- vmap rules -------------------------------------------------------------------------------
 # torch.func.vmap runs the op once for the whole batch of calls (in_dims: where each argument's
 # batch dimension is, None if it is shared).
@@ -326,6 +332,10 @@ def _linear_leaky_relu_backward(ctx, grad_output):
     if torch.is_grad_enabled():  # create_graph=True: the same maths in torch ops, so that it is recorded
         grad_pre = _through_activation(grad_output, saved, ctx.negative_slope)
         grad_bias = grad_pre.reshape(-1, weight.shape[0]).sum(0)
+    elif need_input and need_weight:  # the common case: one op
+        grad_input, grad_weight, grad_bias = _ops.linear_leaky_relu_backward.default(
+            grad_output, input, weight, saved, ctx.negative_slope)
+        return grad_input, grad_weight, grad_bias if need_bias else None, None
     else:
         grad_pre, grad_bias = _ops.leaky_relu_backward_bias(grad_output, saved, ctx.negative_slope)
     grad_pre = grad_pre.reshape(-1, weight.shape[0])

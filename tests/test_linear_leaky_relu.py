@@ -193,6 +193,45 @@ def test_opcheck(device):
             torch.library.opcheck(torch.ops.fastbn.linear_leaky_relu.default, args)
         y = torch.ops.fastbn.linear_leaky_relu(x, w, b, 0.01)
         torch.library.opcheck(torch.ops.fastbn.leaky_relu_backward_bias.default, (torch.randn_like(y), y, 0.01))
+        x3 = torch.randn(2, 7, 6, device=device, dtype=dtype)
+        y3 = torch.ops.fastbn.linear_leaky_relu(x3, w, b, 0.01)
+        torch.library.opcheck(torch.ops.fastbn.linear_leaky_relu_backward.default,
+                              (torch.randn_like(y3), x3, w, y3, 0.01))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shape,out_features,slope", [((7, 6), 4, 0.01), ((2, 7, 6), 4, -0.3), ((200, 100), 10, 0.01),
+                                                      ((64, 300), 129, 0.2)])
+def test_backward_op_matches_torch(threads, shape, out_features, slope):
+    """fastbn::linear_leaky_relu_backward (activation gradient with the bias sum, then both GEMMs;
+    on 2 CPU threads the small GEMMs run side by side, one a thread) against the same maths in
+    torch ops, float64."""
+    torch.manual_seed(0)
+    x = torch.randn(shape, dtype=torch.float64)
+    w = torch.randn(out_features, shape[-1], dtype=torch.float64)
+    b = torch.randn(out_features, dtype=torch.float64)
+    pre = TF.linear(x, w, b)
+    saved = TF.leaky_relu(pre, slope) if slope >= 0 else pre  # what the Function keeps
+    g = torch.randn_like(pre)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        gi, gw, gb = torch.ops.fastbn.linear_leaky_relu_backward(g, x, w, saved, slope)
+    finally:
+        torch.set_num_threads(old)
+    grad_pre = torch.where(pre > 0, g, g * slope).reshape(-1, out_features)
+    torch.testing.assert_close(gi, (grad_pre @ w).view(shape), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gw, grad_pre.t() @ x.reshape(-1, shape[-1]), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gb, grad_pre.sum(0), rtol=1e-12, atol=1e-12)
+    assert gi.shape == x.shape and gw.shape == w.shape and gb.shape == b.shape
+
+
+def test_backward_op_rejects_mismatched_saved():
+    x, w = torch.randn(5, 6), torch.randn(4, 6)
+    with pytest.raises(RuntimeError, match="expected the saved activation of shape"):
+        torch.ops.fastbn.linear_leaky_relu_backward(torch.randn(5, 3), x, w, torch.randn(5, 3), 0.01)
+    with pytest.raises(RuntimeError, match="has in_features=6 but weight"):
+        torch.ops.fastbn.linear_leaky_relu_backward(torch.randn(5, 4), x, torch.randn(4, 7), torch.randn(5, 4), 0.01)
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
