@@ -391,6 +391,10 @@ struct ChannelGroups {
   int64_t length(int64_t g, int64_t C) const { return std::min(width, C - g * width); }
 };
 
+// The group_* passes below take channels [c0, c0 + W) of a planar layout block by block. W > 1
+// only for planes_side_by_side, whose blocks hold whole planes (length S), the group's planes back
+// to back in each run; W = 1 takes any block, pieces of long planes included.
+
 // Moments of channels [c0, c0 + W) into mean/m2 (indexed by channel).
 template <typename T>
 void group_moments(const BatchNormLayout& L, const T* x, int64_t c0, int64_t W, double* mean, double* m2) {
@@ -400,14 +404,8 @@ void group_moments(const BatchNormLayout& L, const T* x, int64_t c0, int64_t W, 
     thread_local std::vector<double> scratch;  // per block and channel: mean, m2 (block b of c0 + j at [b * W + j])
     scratch.resize(2 * cb.count * W);
     double *bm = scratch.data(), *bm2 = bm + cb.count * W;
-    if (W > 1) {  // planes_side_by_side: whole planes per block
-      for (int64_t b = 0; b < cb.count; ++b)
-        k.planes_stats(x + cb.start(b) + c0 * L.S, cb.runs(b), W, L.S, cb.stride(), &bm[b * W], &bm2[b * W]);
-    } else {
-      cb.each(c0, [&](int64_t b, int64_t off, int64_t runs, int64_t len) {
-        k.plane_stats(x + off, runs, len, cb.stride(), &bm[b], &bm2[b]);
-      });
-    }
+    for (int64_t b = 0; b < cb.count; ++b)
+      k.planes_stats(x + cb.start(b) + c0 * L.S, cb.runs(b), W, cb.length(b), cb.stride(), &bm[b * W], &bm2[b * W]);
     for (int64_t j = 0; j < W; ++j)
       merge_moments(cb.count, [&](int64_t b) { return cb.values(b); }, &bm[j], &bm2[j], W, &mean[c0 + j], &m2[c0 + j]);
     return;
@@ -426,20 +424,14 @@ void group_normalize(const BatchNormLayout& L, const T* x, T* y, int64_t c0, int
                      const cpu::acc_t<T>* scale, const cpu::acc_t<T>* shift) {
   const auto& k = cpu::kernels_for<T>();
   const ChannelBlocks cb(L);
-  if (W > 1) {  // planes_side_by_side
-    for (int64_t b = 0; b < cb.count; ++b) {
-      const int64_t o = cb.start(b) + c0 * L.S;
-      k.planes_normalize(x + o, y + o, cb.runs(b), W, L.S, cb.stride(), &m[c0], &scale[c0], &shift[c0]);
-    }
-    return;
+  for (int64_t b = 0; b < cb.count; ++b) {
+    const int64_t o = cb.start(b) + c0 * L.S;
+    k.planes_normalize(x + o, y + o, cb.runs(b), W, cb.length(b), cb.stride(), &m[c0], &scale[c0], &shift[c0]);
   }
-  cb.each(c0, [&](int64_t, int64_t off, int64_t runs, int64_t len) {
-    k.plane_normalize(x + off, y + off, runs, len, cb.stride(), m[c0], scale[c0], shift[c0]);
-  });
 }
 
 // sum(dy), sum(dy * (x - mean)) of channels [c0, c0 + W) of a planar layout into sdy/sdyxmu
-// (indexed by channel; rows are summed in row chunks).
+// (indexed by channel), summed over the blocks in order (as sum_partials).
 template <typename T>
 void group_grad_sums(const BatchNormLayout& L, const T* g, const T* x, int64_t c0, int64_t W,
                      const cpu::acc_t<T>* mu, double* sdy, double* sdyxmu) {
@@ -448,17 +440,11 @@ void group_grad_sums(const BatchNormLayout& L, const T* g, const T* x, int64_t c
   thread_local std::vector<double> scratch;  // per block and channel, as group_moments
   scratch.resize(2 * cb.count * W);
   double *p1 = scratch.data(), *p2 = p1 + cb.count * W;
-  if (W > 1) {  // planes_side_by_side
-    for (int64_t b = 0; b < cb.count; ++b) {
-      const int64_t o = cb.start(b) + c0 * L.S;
-      k.planes_grad_sums(g + o, x + o, cb.runs(b), W, L.S, cb.stride(), &mu[c0], &p1[b * W], &p2[b * W]);
-    }
-  } else {
-    cb.each(c0, [&](int64_t b, int64_t off, int64_t runs, int64_t len) {
-      k.plane_grad_sums(g + off, x + off, runs, len, cb.stride(), mu[c0], &p1[b], &p2[b]);
-    });
+  for (int64_t b = 0; b < cb.count; ++b) {
+    const int64_t o = cb.start(b) + c0 * L.S;
+    k.planes_grad_sums(g + o, x + o, cb.runs(b), W, cb.length(b), cb.stride(), &mu[c0], &p1[b * W], &p2[b * W]);
   }
-  for (int64_t j = 0; j < W; ++j) {  // block order, as sum_partials
+  for (int64_t j = 0; j < W; ++j) {
     double s1 = 0, s2 = 0;
     for (int64_t b = 0; b < cb.count; ++b) {
       s1 += p1[b * W + j];
@@ -476,16 +462,11 @@ void group_grad_input(const BatchNormLayout& L, const T* g, const T* x, T* dx, i
                       const cpu::acc_t<T>* m, const cpu::acc_t<T>* a, const cpu::acc_t<T>* b, const cpu::acc_t<T>* c) {
   const auto& k = cpu::kernels_for<T>();
   const ChannelBlocks cb(L);
-  if (W > 1) {  // planes_side_by_side
-    for (int64_t blk = 0; blk < cb.count; ++blk) {
-      const int64_t o = cb.start(blk) + c0 * L.S;
-      k.planes_grad_input(g + o, x + o, dx + o, cb.runs(blk), W, L.S, cb.stride(), &m[c0], &a[c0], &b[c0], &c[c0]);
-    }
-    return;
+  for (int64_t blk = 0; blk < cb.count; ++blk) {
+    const int64_t o = cb.start(blk) + c0 * L.S;
+    k.planes_grad_input(g + o, x + o, dx + o, cb.runs(blk), W, cb.length(blk), cb.stride(), &m[c0], &a[c0], &b[c0],
+                        &c[c0]);
   }
-  cb.each(c0, [&](int64_t, int64_t off, int64_t runs, int64_t len) {
-    k.plane_grad_input(g + off, x + off, dx + off, runs, len, cb.stride(), m[c0], a[c0], b[c0], c[c0]);
-  });
 }
 
 // Per-channel (mean, m2), stable and deterministic: whole-channel tasks where the layout allows
