@@ -60,6 +60,23 @@ std::unique_ptr<T[]> partials(int64_t n) {
   return std::unique_ptr<T[]>(new T[std::max<int64_t>(n, 1)]);
 }
 
+// A call's per-channel values (statistics, constants, parameters in double), likewise not
+// zero-filled: every path writes each channel before reading it. std::vector's fill of the ops'
+// ~10 such vectors cost BatchNorm1d 200x1000 2.5 us a forward op (their lines last written by the
+// other thread, in the previous call's merge phase).
+template <typename V>
+class ChannelValues {
+ public:
+  explicit ChannelValues(int64_t C) : v_(partials<V>(C)) {}
+  V* data() { return v_.get(); }
+  const V* data() const { return v_.get(); }
+  V& operator[](int64_t c) { return v_[c]; }
+  const V& operator[](int64_t c) const { return v_[c]; }
+
+ private:
+  std::unique_ptr<V[]> v_;
+};
+
 // Merges K partial (count, mean, m2) of one channel, in a fixed order:
 //   mean = sum(n_k * mean_k) / n,   m2 = sum(m2_k + n_k * (mean_k - mean)^2)
 // (the parallel-axis form of Chan et al.: stable, as it only squares deviations of block means
@@ -552,33 +569,62 @@ FASTBN_CHANNEL_LOOP void from_double(const double* __restrict v, int64_t C, S* p
     for (int64_t c = 0; c < C; ++c) p[c * st] = S(v[c]);
 }
 
-std::vector<double> read_channels(const OptTensor& t, int64_t C, double fill) {
-  if (!t.has_value() || !t->defined()) return std::vector<double>(C, fill);
-  std::vector<double> v(C);
+// v[c] = t[c] (or `fill` where t is absent) for channels [c0, c1); v is indexed by channel
+void read_channels(const OptTensor& t, double fill, int64_t c0, int64_t c1, double* v) {
+  if (!t.has_value() || !t->defined()) {
+    std::fill(v + c0, v + c1, fill);
+    return;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t->scalar_type(), "fastbn_read_channels", [&] {
-    to_double(t->const_data_ptr<scalar_t>(), t->stride(0), C, v.data());
+    to_double(t->const_data_ptr<scalar_t>() + c0 * t->stride(0), t->stride(0), c1 - c0, v + c0);
+  });
+}
+
+ChannelValues<double> read_channels(const OptTensor& t, int64_t C, double fill) {
+  ChannelValues<double> v(C);
+  read_channels(t, fill, 0, C, v.data());
+  return v;
+}
+
+// t[c] = v[c] for channels [c0, c1) (t: C values of any float dtype and stride)
+void write_channels(const Tensor& t, const double* v, int64_t c0, int64_t c1) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "fastbn_write_channels", [&] {
+    from_double(v + c0, c1 - c0, t.data_ptr<scalar_t>() + c0 * t.stride(0), t.stride(0));
+  });
+}
+
+void write_channels(const Tensor& t, const double* v) { write_channels(t, v, 0, t.size(0)); }
+
+template <typename S>
+FASTBN_CHANNEL_LOOP void blend_into(S* r, int64_t st, int64_t n, double momentum, const double* __restrict batch,
+                                    double scale) {
+  for (int64_t c = 0; c < n; ++c) r[c * st] = S((1 - momentum) * double(r[c * st]) + momentum * (batch[c] * scale));
+}
+
+// running = (1 - momentum) * running + momentum * batch for channels [c0, c1), in the running
+// stats' own dtype (batch: the mean, or m2 with scale 1 / (M - 1), the unbiased variance).
+void update_running(const Tensor& running, int64_t c0, int64_t c1, double momentum, const double* batch,
+                    double scale) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, running.scalar_type(), "fastbn_update_running", [&] {
+    const int64_t st = running.stride(0);
+    blend_into(running.data_ptr<scalar_t>() + c0 * st, st, c1 - c0, momentum, batch + c0, scale);
+  });
+}
+
+// The mean in the kernels' accumulation type A (the dtype it has when the forward made it).
+template <typename A>
+ChannelValues<A> mean_as(const Tensor& mean, int64_t C) {
+  ChannelValues<A> v(C);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mean.scalar_type(), "fastbn_mean_as", [&] {
+    const scalar_t* p = mean.const_data_ptr<scalar_t>();
+    const int64_t st = mean.stride(0);
+    for (int64_t c = 0; c < C; ++c) v[c] = A(double(p[c * st]));
   });
   return v;
 }
 
-void write_channels(const Tensor& t, const std::vector<double>& v) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "fastbn_write_channels", [&] {
-    from_double(v.data(), int64_t(v.size()), t.data_ptr<scalar_t>(), t.stride(0));
-  });
-}
-
-// running = (1 - momentum) * running + momentum * batch, the batch variance unbiased
-FASTBN_CHANNEL_LOOP void update_running(int64_t C, int64_t M, double momentum, const double* __restrict mean,
-                                        const double* __restrict m2, double* __restrict rm, double* __restrict rv) {
-  const double unbiased = M > 1 ? 1.0 / double(M - 1) : NAN;
-  for (int64_t c = 0; c < C; ++c) {
-    rm[c] = (1 - momentum) * rm[c] + momentum * mean[c];
-    rv[c] = (1 - momentum) * rv[c] + momentum * (m2[c] * unbiased);
-  }
-}
-
-Tensor channel_tensor(const std::vector<double>& v, const Tensor& like, at::ScalarType dtype) {
-  Tensor t = at::empty({int64_t(v.size())}, like.options().dtype(dtype));
+Tensor channel_tensor(const double* v, int64_t C, const Tensor& like, at::ScalarType dtype) {
+  Tensor t = at::empty({C}, like.options().dtype(dtype));
   write_channels(t, v);
   return t;
 }
@@ -589,7 +635,7 @@ Tensor channel_tensor(const std::vector<double>& v, const Tensor& like, at::Scal
 // backward and reduce-then-input give the same bits.
 template <typename A>
 FASTBN_CHANNEL_LOOP
-void grad_input_constants(const std::vector<double>& w, const std::vector<double>& is, const double* sdy,
+void grad_input_constants(const double* w, const double* is, const double* sdy,
                           const double* sdyxmu, int64_t M, int64_t j0, int64_t j1, A* a, A* b, A* c) {
   const double inv_m = 1.0 / double(M);
   for (int64_t j = j0; j < j1; ++j) {
@@ -636,28 +682,39 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_cpu(const Tensor& input, const Opt
   const auto acc = acc_type(input.scalar_type());
   Tensor out = empty_like_layout(L);
   const bool has_running = running_mean.has_value() && running_mean->defined();
-  const std::vector<double> w = read_channels(weight, C, 1.0), b = read_channels(bias, C, 0.0);
+  const ChannelValues<double> w = read_channels(weight, C, 1.0), b = read_channels(bias, C, 0.0);
 
-  // mean and the biased variance used to normalise, per channel
-  std::vector<double> mean(C, 0.0), var(C, 0.0), invstd(C, 0.0);
-  if (training && M == 0)  // empty batch: nothing to normalise, running stats untouched (as torch)
-    return {out, channel_tensor(mean, input, acc), channel_tensor(var, input, acc)};
-  if (!training) {
-    mean = read_channels(running_mean, C, 0);
-    var = read_channels(running_var, C, 1);
+  // mean and the biased variance used to normalise, per channel (eval: the running stats)
+  if (training && M == 0) {  // empty batch: nothing to normalise, running stats untouched (as torch)
+    const std::vector<double> zeros(C, 0.0);
+    return {out, channel_tensor(zeros.data(), C, input, acc), channel_tensor(zeros.data(), C, input, acc)};
   }
-  std::vector<double> m2(C, 0.0);
+  ChannelValues<double> mean = training ? ChannelValues<double>(C) : read_channels(running_mean, C, 0),
+                        var = training ? ChannelValues<double>(C) : read_channels(running_var, C, 1);
+  ChannelValues<double> invstd(C), m2(C);
+  Tensor mean_out = at::empty({C}, input.options().dtype(acc)), invstd_out = at::empty({C}, input.options().dtype(acc));
+  const bool update = training && has_running;
+  const double unbiased = M > 1 ? 1.0 / double(M - 1) : NAN;  // the running variance is unbiased
   bool normalized = false;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "fastbn_bn_forward", [&] {
     using T = cpu::kernel_type<scalar_t>;
     using A = cpu::acc_t<T>;
     const T* x = reinterpret_cast<const T*>(L.x.const_data_ptr<scalar_t>());
     T* y = reinterpret_cast<T*>(out.data_ptr<scalar_t>());
-    std::vector<A> m(C), scale(C), shift(C);
+    ChannelValues<A> m(C), scale(C), shift(C);
     const bool in_memory = from_memory(input);
+    // the per-channel work of channels [c0, c1) once their statistics are known: the constants,
+    // the running stats' update and the mean/invstd outputs (in the rows' merge phase, each thread
+    // its own channels: the calling thread would otherwise read them all from the other cores)
     auto constants = [&](int64_t c0, int64_t c1) {
       forward_constants(c0, c1, training, M, eps, mean.data(), m2.data(), w.data(), b.data(), var.data(),
                         invstd.data(), m.data(), scale.data(), shift.data());
+      if (update) {
+        update_running(*running_mean, c0, c1, momentum, mean.data(), 1.0);
+        update_running(*running_var, c0, c1, momentum, m2.data(), unbiased);
+      }
+      write_channels(mean_out, mean.data(), c0, c1);
+      write_channels(invstd_out, invstd.data(), c0, c1);
     };
     const ChannelGroups groups(L, sizeof(T));
     if (training && L.planar && groups.usable) {  // one region: statistics, then normalise from cache
@@ -738,13 +795,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_cpu(const Tensor& input, const Opt
     normalized = true;
   });
   TORCH_INTERNAL_ASSERT(normalized || M == 0);
-  if (training && has_running) {  // running = (1 - momentum) * running + momentum * batch (unbiased var)
-    std::vector<double> rm = read_channels(running_mean, C, 0), rv = read_channels(running_var, C, 0);
-    update_running(C, M, momentum, mean.data(), m2.data(), rm.data(), rv.data());
-    write_channels(*running_mean, rm);
-    write_channels(*running_var, rv);
-  }
-  return {out, channel_tensor(mean, input, acc), channel_tensor(invstd, input, acc)};
+  return {out, mean_out, invstd_out};
 }
 
 // sum(dy) and sum(dy * (x - mean)) per channel: blocks or row chunks in memory order, summed per
@@ -811,32 +862,34 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_backward_reduce_cpu(const 
   const BatchNormLayout L = batch_norm_layout(input);
   const Tensor dy = grad_output.contiguous(L.format);
   const int64_t C = L.C;
-  std::vector<double> sdy(C, 0.0), sdyxmu(C, 0.0);
-  if (L.per_channel() > 0) {
+  ChannelValues<double> sdy(C), sdyxmu(C);
+  if (L.per_channel() == 0) {
+    std::fill_n(sdy.data(), C, 0.0);
+    std::fill_n(sdyxmu.data(), C, 0.0);
+  } else {
     AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "fastbn_bn_bwd_reduce", [&] {
       using T = cpu::kernel_type<scalar_t>;
       using A = cpu::acc_t<T>;
-      const std::vector<double> m = read_channels(mean, C, 0);
-      const std::vector<A> mu(m.begin(), m.end());
+      const ChannelValues<A> mu = mean_as<A>(mean, C);
       grad_sums<T>(L, reinterpret_cast<const T*>(dy.const_data_ptr<scalar_t>()),
                    reinterpret_cast<const T*>(L.x.const_data_ptr<scalar_t>()), mu.data(), sdy.data(), sdyxmu.data());
     });
   }
   // grad_weight = sum(dy * x_hat) = sum(dy * (x - mean)) * invstd;  grad_bias = sum(dy)
-  const std::vector<double> is = read_channels(invstd, C, 1);
-  std::vector<double> gw(C);
+  const ChannelValues<double> is = read_channels(invstd, C, 1);
+  ChannelValues<double> gw(C);
   for (int64_t c = 0; c < C; ++c) gw[c] = sdyxmu[c] * is[c];
   const auto acc = mean.scalar_type();
   const auto pdtype = param_grad_dtype(weight, mean);
-  return {channel_tensor(sdy, mean, acc), channel_tensor(sdyxmu, mean, acc), channel_tensor(gw, mean, pdtype),
-          channel_tensor(sdy, mean, pdtype)};
+  return {channel_tensor(sdy.data(), C, mean, acc), channel_tensor(sdyxmu.data(), C, mean, acc),
+          channel_tensor(gw.data(), C, mean, pdtype), channel_tensor(sdy.data(), C, mean, pdtype)};
 }
 
 // dx = a * dy - (x - mean) * b - c over the whole input, the threads sharing it.
 template <typename T>
-void grad_input_pass(const BatchNormLayout& L, const T* g, const T* x, T* d, const std::vector<cpu::acc_t<T>>& m,
-                     const std::vector<cpu::acc_t<T>>& a, const std::vector<cpu::acc_t<T>>& b,
-                     const std::vector<cpu::acc_t<T>>& c, bool in_memory) {
+void grad_input_pass(const BatchNormLayout& L, const T* g, const T* x, T* d, const ChannelValues<cpu::acc_t<T>>& m,
+                     const ChannelValues<cpu::acc_t<T>>& a, const ChannelValues<cpu::acc_t<T>>& b,
+                     const ChannelValues<cpu::acc_t<T>>& c, bool in_memory) {
   const auto& k = cpu::kernels_for<T>();
   const int64_t C = L.C;
   if (short_planes(L)) {
@@ -880,14 +933,14 @@ Tensor batch_norm_backward_input_cpu(const Tensor& grad_output, const Tensor& in
   const int64_t C = L.C, M = L.per_channel();
   if (M == 0) return dx;
 
-  const std::vector<double> w = read_channels(weight, C, 1.0), is = read_channels(invstd, C, 1.0);
-  const std::vector<double> s1 = read_channels(sum_dy, C, 0.0), s2 = read_channels(sum_dy_xmu, C, 0.0);
-  const std::vector<double> mu = read_channels(mean, C, 0.0);
+  const ChannelValues<double> w = read_channels(weight, C, 1.0), is = read_channels(invstd, C, 1.0);
+  const ChannelValues<double> s1 = read_channels(sum_dy, C, 0.0), s2 = read_channels(sum_dy_xmu, C, 0.0);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "fastbn_bn_bwd_input", [&] {
     using T = cpu::kernel_type<scalar_t>;
     using A = cpu::acc_t<T>;
-    std::vector<A> m(mu.begin(), mu.end()), a(C), b(C), c(C);
-    grad_input_constants(w, is, s1.data(), s2.data(), M, 0, C, a.data(), b.data(), c.data());
+    const ChannelValues<A> m = mean_as<A>(mean, C);
+    ChannelValues<A> a(C), b(C), c(C);
+    grad_input_constants(w.data(), is.data(), s1.data(), s2.data(), M, 0, C, a.data(), b.data(), c.data());
     grad_input_pass<T>(L, reinterpret_cast<const T*>(dy.const_data_ptr<scalar_t>()),
                        reinterpret_cast<const T*>(L.x.const_data_ptr<scalar_t>()),
                        reinterpret_cast<T*>(dx.data_ptr<scalar_t>()), m, a, b, c, from_memory(input));
@@ -910,21 +963,34 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(const Tensor& grad_ou
   const bool phases = M > 0 && !L.planar;
   const Tensor dy = grad_output.contiguous(L.format);
   Tensor dx = empty_like_layout(L);
-  const std::vector<double> w = read_channels(weight, C, 1.0), is = read_channels(invstd, C, 1.0);
-  const std::vector<double> mu = read_channels(mean, C, 0.0);
-  std::vector<double> sdy(C), sdyxmu(C);
+  const auto pdtype = param_grad_dtype(weight, mean);
+  Tensor grad_weight = at::empty({C}, mean.options().dtype(pdtype)), grad_bias = at::empty({C}, mean.options().dtype(pdtype));
+  if (M == 0) {  // empty batch: zero parameter gradients
+    grad_weight.zero_();
+    grad_bias.zero_();
+    return {dx, grad_weight, grad_bias};
+  }
+  ChannelValues<double> w(C), is(C), sdy(C), sdyxmu(C), gw(C);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "fastbn_bn_backward", [&] {
     using T = cpu::kernel_type<scalar_t>;
     using A = cpu::acc_t<T>;
     const T* x = reinterpret_cast<const T*>(L.x.const_data_ptr<scalar_t>());
     const T* g = reinterpret_cast<const T*>(dy.const_data_ptr<scalar_t>());
     T* d = reinterpret_cast<T*>(dx.data_ptr<scalar_t>());
-    std::vector<A> m(mu.begin(), mu.end()), a(C), b(C), c(C);
+    const ChannelValues<A> m = mean_as<A>(mean, C);
+    ChannelValues<A> a(C), b(C), c(C);
     const bool in_memory = from_memory(input);
+    // the per-channel work of channels [j0, j1) once their sums are known: dx's constants and the
+    // parameter gradients, grad_weight = sum(dy * (x - mean)) * invstd and grad_bias = sum(dy) (in
+    // the rows' merge phase, each thread its own channels, as the forward)
     auto constants = [&](int64_t j0, int64_t j1) {
-      grad_input_constants(w, is, sdy.data(), sdyxmu.data(), M, j0, j1, a.data(), b.data(), c.data());
+      read_channels(weight, 1.0, j0, j1, w.data());
+      read_channels(invstd, 1.0, j0, j1, is.data());
+      grad_input_constants(w.data(), is.data(), sdy.data(), sdyxmu.data(), M, j0, j1, a.data(), b.data(), c.data());
+      for (int64_t j = j0; j < j1; ++j) gw[j] = sdyxmu[j] * is[j];
+      write_channels(grad_weight, gw.data(), j0, j1);
+      write_channels(grad_bias, sdy.data(), j0, j1);
     };
-    if (M == 0) return;
     if (!fused && !phases) {  // sums, constants, dx: the arithmetic of reduce-then-input
       grad_sums<T>(L, g, x, m.data(), sdy.data(), sdyxmu.data());
       constants(0, C);
@@ -965,10 +1031,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(const Tensor& grad_ou
       }
     });
   });
-  std::vector<double> gw(C);
-  for (int64_t j = 0; j < C; ++j) gw[j] = sdyxmu[j] * is[j];
-  const auto pdtype = param_grad_dtype(weight, mean);
-  return {dx, channel_tensor(gw, mean, pdtype), channel_tensor(sdy, mean, pdtype)};
+  return {dx, grad_weight, grad_bias};
 }
 
 }  // namespace
