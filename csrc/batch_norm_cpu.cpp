@@ -682,7 +682,6 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_cpu(const Tensor& input, const Opt
   const auto acc = acc_type(input.scalar_type());
   Tensor out = empty_like_layout(L);
   const bool has_running = running_mean.has_value() && running_mean->defined();
-  const ChannelValues<double> w = read_channels(weight, C, 1.0), b = read_channels(bias, C, 0.0);
 
   // mean and the biased variance used to normalise, per channel (eval: the running stats)
   if (training && M == 0) {  // empty batch: nothing to normalise, running stats untouched (as torch)
@@ -691,7 +690,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_cpu(const Tensor& input, const Opt
   }
   ChannelValues<double> mean = training ? ChannelValues<double>(C) : read_channels(running_mean, C, 0),
                         var = training ? ChannelValues<double>(C) : read_channels(running_var, C, 1);
-  ChannelValues<double> invstd(C), m2(C);
+  ChannelValues<double> invstd(C), m2(C), w(C), b(C);
   Tensor mean_out = at::empty({C}, input.options().dtype(acc)), invstd_out = at::empty({C}, input.options().dtype(acc));
   const bool update = training && has_running;
   const double unbiased = M > 1 ? 1.0 / double(M - 1) : NAN;  // the running variance is unbiased
@@ -703,10 +702,12 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_cpu(const Tensor& input, const Opt
     T* y = reinterpret_cast<T*>(out.data_ptr<scalar_t>());
     ChannelValues<A> m(C), scale(C), shift(C);
     const bool in_memory = from_memory(input);
-    // the per-channel work of channels [c0, c1) once their statistics are known: the constants,
+    // the per-channel work of channels [c0, c1) once their statistics are known: the parameters, the constants,
     // the running stats' update and the mean/invstd outputs (in the rows' merge phase, each thread
     // its own channels: the calling thread would otherwise read them all from the other cores)
     auto constants = [&](int64_t c0, int64_t c1) {
+      read_channels(weight, 1.0, c0, c1, w.data());
+      read_channels(bias, 0.0, c0, c1, b.data());
       forward_constants(c0, c1, training, M, eps, mean.data(), m2.data(), w.data(), b.data(), var.data(),
                         invstd.data(), m.data(), scale.data(), shift.data());
       if (update) {
