@@ -475,22 +475,57 @@ def test_empty_batch(device, shape, channels_last):
 ])
 def test_deterministic_across_thread_counts(shape, channels_last):
     """The same bits whatever the thread count (which also picks between the per-channel and the
-    shared-blocks paths): outputs and every gradient."""
-    x, w, b, _, _ = make_case(shape, torch.float32, "cpu", channels_last)
+    shared-blocks paths): outputs, updated running stats and every gradient."""
+    x, w, b, rm, rv = make_case(shape, torch.float32, "cpu", channels_last)
     g = torch.randn_like(x)
     old = torch.get_num_threads()
     results = []
     try:
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
-            xs, ws, bs = leaf(x), leaf(w), leaf(b)
-            y = F.batch_norm(xs, None, None, ws, bs, training=True)
-            results.append((y, *torch.autograd.grad(y, (xs, ws, bs), g)))
+            xs, ws, bs, rms, rvs = leaf(x), leaf(w), leaf(b), rm.clone(), rv.clone()
+            y = F.batch_norm(xs, rms, rvs, ws, bs, training=True)
+            results.append((y, rms, rvs, *torch.autograd.grad(y, (xs, ws, bs), g)))
     finally:
         torch.set_num_threads(old)
     for other in results[1:]:
         for a, b_ in zip(results[0], other):
             assert torch.equal(a, b_)
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("shape,channels_last", [
+    ((200, 1000), False), ((64, 37), False), ((4, 64, 12, 12), True), ((6, 41, 8, 8), False), ((8, 16, 33, 17), False),
+])
+def test_strided_per_channel_tensors(shape, channels_last, threads):
+    """weight, bias and running stats given as every-other-element views: each thread reads and
+    updates only its own channels' (the rows' merge phase), through the stride, and the results
+    are those of contiguous copies to the bit, with the elements between untouched."""
+    x, w, b, rm, rv = make_case(shape, torch.float32, "cpu", channels_last)
+    g = torch.randn_like(x)
+
+    def strided(t):  # t's values at the even elements of a buffer twice as long, the odd ones NaN
+        wide = torch.full((2 * t.numel(),), float("nan"), dtype=t.dtype)
+        wide[::2] = t
+        return wide, wide[::2]
+
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        for training in (True, False):
+            wides, views = zip(*(strided(t) for t in (w, b, rm, rv)))
+            ws, bs = (v.requires_grad_() for v in views[:2])
+            xs, wc, bc, rmc, rvc = leaf(x), leaf(w), leaf(b), rm.clone(), rv.clone()
+            y = F.batch_norm(xs, views[2], views[3], ws, bs, training=training)
+            y_ref = F.batch_norm(xs, rmc, rvc, wc, bc, training=training)
+            assert torch.equal(y, y_ref)
+            assert torch.equal(views[2], rmc) and torch.equal(views[3], rvc)
+            for wide in wides:
+                assert torch.isnan(wide[1::2]).all()  # nothing written between the view's elements
+            for a, e in zip(torch.autograd.grad(y, (xs, ws, bs), g), torch.autograd.grad(y_ref, (xs, wc, bc), g)):
+                assert torch.equal(a, e)
+    finally:
+        torch.set_num_threads(old)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
