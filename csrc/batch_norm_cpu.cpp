@@ -322,7 +322,9 @@ struct ColumnSlices {
 
 // Runs phase1(q0, q1) on each thread's share of `tasks`, barrier, phase2(c0, c1) on its share of
 // C channels (whole vectors), barrier, phase3(q0, q1) on its first share again. Raw OpenMP (the
-// runtime ATen's parallel_for uses): a parallel_for task may not wait at a barrier.
+// runtime ATen's parallel_for uses): a parallel_for task may not wait at a barrier. No phase may
+// throw (an exception cannot leave an OpenMP region): the callers check every argument, dtypes
+// included, before.
 template <typename F1, typename F2, typename F3>
 void three_phases(int64_t tasks, int64_t C, int64_t numel, F1&& phase1, F2&& phase2, F3&& phase3) {
   const bool threaded = numel >= kGrainValues && at::get_num_threads() > 1 && !at::in_parallel_region();
