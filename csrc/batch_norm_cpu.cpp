@@ -685,15 +685,13 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_cpu(const Tensor& input, const Opt
   Tensor out = empty_like_layout(L);
   const bool has_running = running_mean.has_value() && running_mean->defined();
 
+  Tensor mean_out = at::empty({C}, input.options().dtype(acc)), invstd_out = at::empty({C}, input.options().dtype(acc));
+  if (training && M == 0)  // empty batch: nothing to normalise, running stats untouched (as torch)
+    return {out, mean_out.zero_(), invstd_out.zero_()};
   // mean and the biased variance used to normalise, per channel (eval: the running stats)
-  if (training && M == 0) {  // empty batch: nothing to normalise, running stats untouched (as torch)
-    const std::vector<double> zeros(C, 0.0);
-    return {out, channel_tensor(zeros.data(), C, input, acc), channel_tensor(zeros.data(), C, input, acc)};
-  }
   ChannelValues<double> mean = training ? ChannelValues<double>(C) : read_channels(running_mean, C, 0),
                         var = training ? ChannelValues<double>(C) : read_channels(running_var, C, 1);
   ChannelValues<double> invstd(C), m2(C), w(C), b(C);
-  Tensor mean_out = at::empty({C}, input.options().dtype(acc)), invstd_out = at::empty({C}, input.options().dtype(acc));
   const bool update = training && has_running;
   const double unbiased = M > 1 ? 1.0 / double(M - 1) : NAN;  // the running variance is unbiased
   // The per-channel work around the statistics, for channels [c0, c1): the parameters in, and
@@ -974,17 +972,14 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(const Tensor& grad_ou
   check_batch_norm_backward_args(op, grad_output, input, mean, invstd, weight);
   const BatchNormLayout L = batch_norm_layout(input);
   const int64_t C = L.C, M = L.per_channel();
-  const bool fused = M > 0 && L.planar && ChannelGroups(L, 2 * input.element_size()).usable;
-  const bool phases = M > 0 && !L.planar;
   const Tensor dy = grad_output.contiguous(L.format);
   Tensor dx = empty_like_layout(L);
   const auto pdtype = param_grad_dtype(weight, mean);
   Tensor grad_weight = at::empty({C}, mean.options().dtype(pdtype)), grad_bias = at::empty({C}, mean.options().dtype(pdtype));
-  if (M == 0) {  // empty batch: zero parameter gradients
-    grad_weight.zero_();
-    grad_bias.zero_();
-    return {dx, grad_weight, grad_bias};
-  }
+  if (M == 0)  // empty batch: zero parameter gradients
+    return {dx, grad_weight.zero_(), grad_bias.zero_()};
+  const bool fused = L.planar && ChannelGroups(L, 2 * input.element_size()).usable;
+  const bool phases = !L.planar;
   ChannelValues<double> w(C), is(C), sdy(C), sdyxmu(C), gw(C);
   // The per-channel work around the sums, for channels [j0, j1), as the forward's: the parameters
   // in, and the parameter gradients out, grad_weight = sum(dy * (x - mean)) * invstd and
