@@ -595,8 +595,6 @@ void write_channels(const Tensor& t, const double* v, int64_t c0, int64_t c1) {
   });
 }
 
-void write_channels(const Tensor& t, const double* v) { write_channels(t, v, 0, t.size(0)); }
-
 template <typename S>
 FASTBN_CHANNEL_LOOP void blend_into(S* r, int64_t st, int64_t n, double momentum, const double* __restrict batch,
                                     double scale) {
@@ -627,7 +625,7 @@ ChannelValues<A> mean_as(const Tensor& mean, int64_t C) {
 
 Tensor channel_tensor(const double* v, int64_t C, const Tensor& like, at::ScalarType dtype) {
   Tensor t = at::empty({C}, like.options().dtype(dtype));
-  write_channels(t, v);
+  write_channels(t, v, 0, C);
   return t;
 }
 
