@@ -13,6 +13,7 @@
 #include <omp.h>
 
 #include <cmath>
+#include <cstdint>
 #include <memory>
 #include <vector>
 
@@ -54,10 +55,31 @@ bool from_memory(const Tensor& input) { return bytes_of(input) > kFromMemoryByte
 int64_t grain(int64_t tasks, int64_t values) { return values < kGrainValues ? std::max<int64_t>(tasks, 1) : 1; }
 
 // Scratch for per-block partials, every element of which is written before it is read: not
-// zero-filled (at BatchNorm1d sizes the fill would cost as much as the merge).
+// zero-filled (at BatchNorm1d sizes the fill would cost as much as the merge). Line-aligned: the
+// rows loops load a per-channel vector for every vector of a row, and one that straddles two
+// lines costs two (eval_rows' constants in 16-byte-aligned buffers made channels_last
+// 80x64x32x32 eval 1.1-1.3x as slow). Aligned by hand inside a plain allocation: aligned_alloc
+// cost ~40 ns more a call, and an op makes 10-15 of them.
 template <typename T>
-std::unique_ptr<T[]> partials(int64_t n) {
-  return std::unique_ptr<T[]>(new T[std::max<int64_t>(n, 1)]);
+class Scratch {
+ public:
+  Scratch() = default;  // holds nothing
+  explicit Scratch(int64_t n) : base_(new T[std::max<int64_t>(n, 1) + kLine / sizeof(T)]) {
+    const auto a = reinterpret_cast<std::uintptr_t>(base_.get());
+    p_ = reinterpret_cast<T*>((a + kLine - 1) / kLine * kLine);
+  }
+  T* get() const { return p_; }
+  T& operator[](int64_t i) const { return p_[i]; }
+
+ private:
+  static constexpr std::uintptr_t kLine = 64;
+  std::unique_ptr<T[]> base_;
+  T* p_ = nullptr;
+};
+
+template <typename T>
+Scratch<T> partials(int64_t n) {
+  return Scratch<T>(n);
 }
 
 // A call's per-channel values (statistics, constants, parameters in double), likewise not
@@ -74,7 +96,7 @@ class ChannelValues {
   const V& operator[](int64_t c) const { return v_[c]; }
 
  private:
-  std::unique_ptr<V[]> v_;
+  Scratch<V> v_;
 };
 
 // Merges K partial (count, mean, m2) of one channel, in a fixed order:
@@ -234,7 +256,7 @@ BatchNormLayout as_rows(const BatchNormLayout& L) { return {L.x, false, L.format
 // stores instead of a loop of S per channel, which at small batches cost more than the kernel
 // (1 x 512 x 2 x 2 forward: a third of the op).
 template <typename V>
-std::unique_ptr<V[]> per_column(const V* v, int64_t C, int64_t S) {
+Scratch<V> per_column(const V* v, int64_t C, int64_t S) {
   constexpr int64_t kFill = 16;
   const int64_t blocks = (S + kFill - 1) / kFill;
   auto out = partials<V>(C * S + kFill);
@@ -611,17 +633,33 @@ void update_running(const Tensor& running, int64_t c0, int64_t c1, double moment
   });
 }
 
-// The mean in the kernels' accumulation type A (the dtype it has when the forward made it).
+// The mean in the kernels' accumulation type A (the dtype it has when the forward made it): the
+// tensor itself where it is that dtype and dense (each thread then reads the lines the forward's
+// threads wrote, rather than a copy that the calling thread writes and the other threads read: a
+// line transfer each, every call), else a copy.
 template <typename A>
-ChannelValues<A> mean_as(const Tensor& mean, int64_t C) {
-  ChannelValues<A> v(C);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mean.scalar_type(), "fastbn_mean_as", [&] {
-    const scalar_t* p = mean.const_data_ptr<scalar_t>();
-    const int64_t st = mean.stride(0);
-    for (int64_t c = 0; c < C; ++c) v[c] = A(double(p[c * st]));
-  });
-  return v;
-}
+class MeanAs {
+ public:
+  MeanAs(const Tensor& mean, int64_t C) {
+    if (mean.scalar_type() == c10::CppTypeToScalarType<A>::value && (mean.stride(0) == 1 || C <= 1)) {
+      p_ = mean.const_data_ptr<A>();
+      return;
+    }
+    copy_ = partials<A>(C);
+    A* v = copy_.get();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mean.scalar_type(), "fastbn_mean_as", [&] {
+      const scalar_t* p = mean.const_data_ptr<scalar_t>();
+      const int64_t st = mean.stride(0);
+      for (int64_t c = 0; c < C; ++c) v[c] = A(double(p[c * st]));
+    });
+    p_ = v;
+  }
+  const A* data() const { return p_; }
+
+ private:
+  Scratch<A> copy_;
+  const A* p_ = nullptr;
+};
 
 Tensor channel_tensor(const double* v, int64_t C, const Tensor& like, at::ScalarType dtype) {
   Tensor t = at::empty({C}, like.options().dtype(dtype));
@@ -667,6 +705,42 @@ void forward_constants(int64_t c0, int64_t c1, bool training, int64_t M, double 
   }
 }
 
+// Eval on rows (BatchNorm1d, channels_last): every task reads the running stats and parameters
+// itself and makes all the constants its rows need, rather than the calling thread making them
+// for the others to read. A per-channel vector that one core writes and the other reads costs a
+// line transfer each call (and the next call's write, an invalidation), where the running stats
+// and parameters, read-only here, stay cached in both cores; the task of row 0 (the calling
+// thread's) writes mean and invstd. Paired in one process at 200x1000 and 40x1000, the same bits:
+// see benchmarks/results/cpu-2026-11-28-eval-private-constants.md.
+template <typename T>
+void eval_rows(const BatchNormLayout& L, const T* x, T* y, const OptTensor& weight, const OptTensor& bias,
+               const OptTensor& running_mean, const OptTensor& running_var, double eps, const Tensor& mean_out,
+               const Tensor& invstd_out) {
+  using A = cpu::acc_t<T>;
+  const auto& k = cpu::kernels_for<T>();
+  const int64_t C = L.C, M = L.per_channel();
+  const RowChunks rc(C, M);
+  const bool in_memory = from_memory(L.x);
+  at::parallel_for(0, rc.count, grain(rc.count, L.x.numel()), [&](int64_t q0, int64_t q1) {
+    ChannelValues<double> mean(C), var(C), w(C), b(C), invstd(C);
+    ChannelValues<A> m(C), scale(C), shift(C);
+    read_channels(running_mean, 0.0, 0, C, mean.data());
+    read_channels(running_var, 1.0, 0, C, var.data());
+    read_channels(weight, 1.0, 0, C, w.data());
+    read_channels(bias, 0.0, 0, C, b.data());
+    forward_constants(0, C, /*training=*/false, M, eps, mean.data(), nullptr, w.data(), b.data(), var.data(),
+                      invstd.data(), m.data(), scale.data(), shift.data());
+    if (q0 == 0) {
+      write_channels(mean_out, mean.data(), 0, C);
+      write_channels(invstd_out, invstd.data(), 0, C);
+    }
+    for (int64_t q = q0; q < q1; ++q) {
+      const int64_t o = rc.first(q) * C;
+      k.rows_normalize(x + o, y + o, rc.length(q), C, C, m.data(), scale.data(), shift.data(), in_memory);
+    }
+  });
+}
+
 Tensor empty_like_layout(const BatchNormLayout& L) {
   return cpu::empty_output(L.x.sizes(), L.x.scalar_type(), L.format);
 }
@@ -686,6 +760,15 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_cpu(const Tensor& input, const Opt
   Tensor mean_out = at::empty({C}, input.options().dtype(acc)), invstd_out = at::empty({C}, input.options().dtype(acc));
   if (training && M == 0)  // empty batch: nothing to normalise, running stats untouched (as torch)
     return {out, mean_out.zero_(), invstd_out.zero_()};
+  if (!training && !L.planar && M > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "fastbn_bn_eval_rows", [&] {
+      using T = cpu::kernel_type<scalar_t>;
+      eval_rows<T>(L, reinterpret_cast<const T*>(L.x.const_data_ptr<scalar_t>()),
+                   reinterpret_cast<T*>(out.data_ptr<scalar_t>()), weight, bias, running_mean, running_var, eps,
+                   mean_out, invstd_out);
+    });
+    return {out, mean_out, invstd_out};
+  }
   // mean and the biased variance used to normalise, per channel (eval: the running stats)
   ChannelValues<double> mean = training ? ChannelValues<double>(C) : read_channels(running_mean, C, 0),
                         var = training ? ChannelValues<double>(C) : read_channels(running_var, C, 1);
@@ -794,14 +877,11 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_cpu(const Tensor& input, const Opt
       normalized = true;
       return;
     }
-    for_each_span(
-        L,
-        [&](int64_t off, int64_t runs, int64_t len, int64_t stride, int64_t c) {
-          k.plane_normalize(x + off, y + off, runs, len, stride, m[c], scale[c], shift[c]);
-        },
-        [&](int64_t r0, int64_t nr) {
-          k.rows_normalize(x + r0 * C, y + r0 * C, nr, C, C, m.data(), scale.data(), shift.data(), in_memory);
-        });
+    // Planes: rows went to the three phases (training) or to eval_rows.
+    const ChannelBlocks cb(L);
+    cb.parallel_each(L.x.numel(), [&](int64_t, int64_t c, int64_t off, int64_t runs, int64_t len) {
+      k.plane_normalize(x + off, y + off, runs, len, cb.stride(), m[c], scale[c], shift[c]);
+    });
     normalized = true;
   });
   TORCH_INTERNAL_ASSERT(normalized || M == 0);
@@ -881,7 +961,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_backward_reduce_cpu(const 
     AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "fastbn_bn_bwd_reduce", [&] {
       using T = cpu::kernel_type<scalar_t>;
       using A = cpu::acc_t<T>;
-      const ChannelValues<A> mu = mean_as<A>(mean, C);
+      const MeanAs<A> mu(mean, C);
       grad_sums<T>(L, reinterpret_cast<const T*>(dy.const_data_ptr<scalar_t>()),
                    reinterpret_cast<const T*>(L.x.const_data_ptr<scalar_t>()), mu.data(), sdy.data(), sdyxmu.data());
     });
@@ -898,7 +978,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_backward_reduce_cpu(const 
 
 // dx = a * dy - (x - mean) * b - c over the whole input, the threads sharing it.
 template <typename T>
-void grad_input_pass(const BatchNormLayout& L, const T* g, const T* x, T* d, const ChannelValues<cpu::acc_t<T>>& m,
+void grad_input_pass(const BatchNormLayout& L, const T* g, const T* x, T* d, const cpu::acc_t<T>* m,
                      const ChannelValues<cpu::acc_t<T>>& a, const ChannelValues<cpu::acc_t<T>>& b,
                      const ChannelValues<cpu::acc_t<T>>& c, bool in_memory) {
   const auto& k = cpu::kernels_for<T>();
@@ -906,7 +986,7 @@ void grad_input_pass(const BatchNormLayout& L, const T* g, const T* x, T* d, con
   if (short_planes(L)) {
     const BatchNormLayout R = as_rows(L);
     const int64_t S = L.S;
-    const auto cm = per_column(m.data(), C, S), ca = per_column(a.data(), C, S), cb = per_column(b.data(), C, S),
+    const auto cm = per_column(m, C, S), ca = per_column(a.data(), C, S), cb = per_column(b.data(), C, S),
                cc = per_column(c.data(), C, S);
     for_each_span(
         R, no_planes,
@@ -929,7 +1009,7 @@ void grad_input_pass(const BatchNormLayout& L, const T* g, const T* x, T* d, con
         k.plane_grad_input(g + off, x + off, d + off, runs, len, stride, m[j], a[j], b[j], c[j]);
       },
       [&](int64_t r0, int64_t nr) {
-        k.rows_grad_input(g + r0 * C, x + r0 * C, d + r0 * C, nr, C, C, m.data(), a.data(), b.data(), c.data(), in_memory);
+        k.rows_grad_input(g + r0 * C, x + r0 * C, d + r0 * C, nr, C, C, m, a.data(), b.data(), c.data(), in_memory);
       });
 }
 
@@ -949,12 +1029,12 @@ Tensor batch_norm_backward_input_cpu(const Tensor& grad_output, const Tensor& in
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "fastbn_bn_bwd_input", [&] {
     using T = cpu::kernel_type<scalar_t>;
     using A = cpu::acc_t<T>;
-    const ChannelValues<A> m = mean_as<A>(mean, C);
+    const MeanAs<A> m(mean, C);
     ChannelValues<A> a(C), b(C), c(C);
     grad_input_constants(w.data(), is.data(), s1.data(), s2.data(), M, 0, C, a.data(), b.data(), c.data());
     grad_input_pass<T>(L, reinterpret_cast<const T*>(dy.const_data_ptr<scalar_t>()),
                        reinterpret_cast<const T*>(L.x.const_data_ptr<scalar_t>()),
-                       reinterpret_cast<T*>(dx.data_ptr<scalar_t>()), m, a, b, c, from_memory(input));
+                       reinterpret_cast<T*>(dx.data_ptr<scalar_t>()), m.data(), a, b, c, from_memory(input));
   });
   return dx;
 }
@@ -998,7 +1078,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(const Tensor& grad_ou
     const T* x = reinterpret_cast<const T*>(L.x.const_data_ptr<scalar_t>());
     const T* g = reinterpret_cast<const T*>(dy.const_data_ptr<scalar_t>());
     T* d = reinterpret_cast<T*>(dx.data_ptr<scalar_t>());
-    const ChannelValues<A> m = mean_as<A>(mean, C);
+    const MeanAs<A> m(mean, C);
     ChannelValues<A> a(C), b(C), c(C);
     const bool in_memory = from_memory(input);
     auto constants = [&](int64_t j0, int64_t j1) {
@@ -1007,7 +1087,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(const Tensor& grad_ou
     if (!fused && !phases) {  // sums, constants, dx: the arithmetic of reduce-then-input
       grad_sums<T>(L, g, x, m.data(), sdy.data(), sdyxmu.data());
       constants(0, C);
-      grad_input_pass<T>(L, g, x, d, m, a, b, c, in_memory);
+      grad_input_pass<T>(L, g, x, d, m.data(), a, b, c, in_memory);
       return;
     }
     if (phases) {  // chunk sums | per-channel sums, constants | dx of the chunks

@@ -473,9 +473,11 @@ def test_empty_batch(device, shape, channels_last):
     ((64, 32, 5, 5), False), ((16, 512, 4, 4), False), ((40, 64, 15, 15), True), ((4096, 128), False),
     ((17, 64, 32, 32), False), ((17, 64, 32, 32), True), ((32, 64, 8, 8), False),
 ])
-def test_deterministic_across_thread_counts(shape, channels_last):
+@pytest.mark.parametrize("training", [True, False])
+def test_deterministic_across_thread_counts(shape, channels_last, training):
     """The same bits whatever the thread count (which also picks between the per-channel and the
-    shared-blocks paths): outputs, updated running stats and every gradient."""
+    shared-blocks paths): outputs, updated running stats and every gradient; in eval too, where
+    each task of the rows layout makes its own per-channel constants."""
     x, w, b, rm, rv = make_case(shape, torch.float32, "cpu", channels_last)
     g = torch.randn_like(x)
     old = torch.get_num_threads()
@@ -484,7 +486,7 @@ def test_deterministic_across_thread_counts(shape, channels_last):
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
             xs, ws, bs, rms, rvs = leaf(x), leaf(w), leaf(b), rm.clone(), rv.clone()
-            y = F.batch_norm(xs, rms, rvs, ws, bs, training=True)
+            y = F.batch_norm(xs, rms, rvs, ws, bs, training=training)
             results.append((y, rms, rvs, *torch.autograd.grad(y, (xs, ws, bs), g)))
     finally:
         torch.set_num_threads(old)
