@@ -57,7 +57,7 @@ int64_t grain(int64_t tasks, int64_t values) { return values < kGrainValues ? st
 // Scratch for per-block partials, every element of which is written before it is read: not
 // zero-filled (at BatchNorm1d sizes the fill would cost as much as the merge). Line-aligned: the
 // rows loops load a per-channel vector for every vector of a row, and one that straddles two
-// lines costs two (eval_rows' constants in 16-byte-aligned buffers made channels_last
+// lines costs two (the eval tasks' own constants in 16-byte-aligned buffers made channels_last
 // 80x64x32x32 eval 1.1-1.3x as slow). Aligned by hand inside a plain allocation: aligned_alloc
 // cost ~40 ns more a call, and an op makes 10-15 of them.
 template <typename T>
@@ -684,6 +684,19 @@ void grad_input_constants(const double* w, const double* is, const double* sdy,
   }
 }
 
+// The eval backward's dx = dy * a, a = weight * invstd (as grad_input_constants makes it), in the
+// normalise form (dy - m) * a + shift with m = shift = 0.
+template <typename A>
+void eval_grad_constants(const OptTensor& weight, const Tensor& invstd, int64_t C, A* m, A* a, A* shift) {
+  ChannelValues<double> w(C), is(C);
+  read_channels(weight, 1.0, 0, C, w.data());
+  read_channels(invstd, 1.0, 0, C, is.data());
+  for (int64_t c = 0; c < C; ++c) {
+    a[c] = A(w[c] * is[c]);
+    m[c] = shift[c] = A(0);
+  }
+}
+
 // The forward's constants of channels [c0, c1): in training var = m2 / M; invstd; and those of
 // y = (x - m) * scale + shift: m = mean, scale = weight * invstd, shift = bias. Restrict
 // parameters (and -fno-math-errno, setup.py) let the loop vectorise, square root included.
@@ -705,40 +718,70 @@ void forward_constants(int64_t c0, int64_t c1, bool training, int64_t M, double 
   }
 }
 
-// Eval on rows (BatchNorm1d, channels_last): every task reads the running stats and parameters
-// itself and makes all the constants its rows need, rather than the calling thread making them
-// for the others to read. A per-channel vector that one core writes and the other reads costs a
-// line transfer each call (and the next call's write, an invalidation), where the running stats
-// and parameters, read-only here, stay cached in both cores; the task of row 0 (the calling
-// thread's) writes mean and invstd. Paired in one process at 200x1000 and 40x1000, the same bits:
-// see benchmarks/results/cpu-2026-11-28-eval-private-constants.md.
-template <typename T>
-void eval_rows(const BatchNormLayout& L, const T* x, T* y, const OptTensor& weight, const OptTensor& bias,
-               const OptTensor& running_mean, const OptTensor& running_var, double eps, const Tensor& mean_out,
-               const Tensor& invstd_out) {
+// y = (x - m) * scale + shift per channel on the rows layout (BatchNorm1d, channels_last), where
+// every task makes the constants itself: make(m, scale, shift, first), `first` for the task of row
+// 0 (the calling thread's). For eval, whose constants come from tensors that are read-only here
+// (running stats, parameters; the saved invstd), rather than the calling thread making them for the
+// others to read: a per-channel vector that one core writes and the other reads costs a line
+// transfer each call (and the next call's write, an invalidation), where read-only tensors stay
+// cached in both cores. Paired in one process, the same bits: eval at 200x1000 1.06x as fast in the
+// VM's fast minutes, 1.53x in slow ones (benchmarks/results/cpu-2026-11-28-eval-private-constants.md).
+template <typename T, typename Make>
+void rows_with_own_constants(const BatchNormLayout& L, const T* x, T* y, bool in_memory, Make&& make) {
   using A = cpu::acc_t<T>;
   const auto& k = cpu::kernels_for<T>();
-  const int64_t C = L.C, M = L.per_channel();
-  const RowChunks rc(C, M);
-  const bool in_memory = from_memory(L.x);
+  const int64_t C = L.C;
+  const RowChunks rc(C, L.per_channel());
   at::parallel_for(0, rc.count, grain(rc.count, L.x.numel()), [&](int64_t q0, int64_t q1) {
-    ChannelValues<double> mean(C), var(C), w(C), b(C), invstd(C);
     ChannelValues<A> m(C), scale(C), shift(C);
-    read_channels(running_mean, 0.0, 0, C, mean.data());
-    read_channels(running_var, 1.0, 0, C, var.data());
-    read_channels(weight, 1.0, 0, C, w.data());
-    read_channels(bias, 0.0, 0, C, b.data());
-    forward_constants(0, C, /*training=*/false, M, eps, mean.data(), nullptr, w.data(), b.data(), var.data(),
-                      invstd.data(), m.data(), scale.data(), shift.data());
-    if (q0 == 0) {
-      write_channels(mean_out, mean.data(), 0, C);
-      write_channels(invstd_out, invstd.data(), 0, C);
-    }
+    make(m.data(), scale.data(), shift.data(), q0 == 0);
     for (int64_t q = q0; q < q1; ++q) {
       const int64_t o = rc.first(q) * C;
       k.rows_normalize(x + o, y + o, rc.length(q), C, C, m.data(), scale.data(), shift.data(), in_memory);
     }
   });
+}
+
+// y = (x - m) * scale + shift per channel, the constants given, on any layout: the forward's
+// normalise where it is a pass of its own, and the eval backward's dx = dy * (weight * invstd).
+template <typename T>
+void normalize_pass(const BatchNormLayout& L, const T* x, T* y, const cpu::acc_t<T>* m,
+                    const cpu::acc_t<T>* scale, const cpu::acc_t<T>* shift, bool in_memory) {
+  const auto& k = cpu::kernels_for<T>();
+  const int64_t C = L.C;
+  if (short_planes(L)) {
+    const BatchNormLayout R = as_rows(L);
+    const auto cm = per_column(m, C, L.S), cs = per_column(scale, C, L.S), csh = per_column(shift, C, L.S);
+    for_each_span(
+        R, no_planes,
+        [&](int64_t r0, int64_t nr) {
+          k.rows_normalize(x + r0 * R.C, y + r0 * R.C, nr, R.C, R.C, cm.get(), cs.get(), csh.get(), in_memory);
+        },
+        kMinShortPlaneRowsToThread);
+    return;
+  }
+  if (vector_planes(L)) {
+    for_channel_ranges(L, [&](int64_t c0, int64_t c1, int64_t o) {
+      k.planes_normalize(x + o, y + o, L.N, c1 - c0, L.S, C * L.S, &m[c0], &scale[c0], &shift[c0]);
+    });
+    return;
+  }
+  const ChannelGroups groups(L, sizeof(T));
+  if (L.planar && groups.usable && groups.width > 1) {  // short planes in channel groups, as the fused forward
+    at::parallel_for(0, groups.count, grain(groups.count, L.x.numel()), [&](int64_t g0, int64_t g1) {
+      for (int64_t g = g0; g < g1; ++g)
+        group_normalize<T>(L, x, y, groups.start(g), groups.length(g, C), m, scale, shift);
+    });
+    return;
+  }
+  for_each_span(
+      L,
+      [&](int64_t off, int64_t runs, int64_t len, int64_t stride, int64_t c) {
+        k.plane_normalize(x + off, y + off, runs, len, stride, m[c], scale[c], shift[c]);
+      },
+      [&](int64_t r0, int64_t nr) {
+        k.rows_normalize(x + r0 * C, y + r0 * C, nr, C, C, m, scale, shift, in_memory);
+      });
 }
 
 Tensor empty_like_layout(const BatchNormLayout& L) {
@@ -760,12 +803,25 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_cpu(const Tensor& input, const Opt
   Tensor mean_out = at::empty({C}, input.options().dtype(acc)), invstd_out = at::empty({C}, input.options().dtype(acc));
   if (training && M == 0)  // empty batch: nothing to normalise, running stats untouched (as torch)
     return {out, mean_out.zero_(), invstd_out.zero_()};
-  if (!training && !L.planar && M > 0) {
+  if (!training && !L.planar && M > 0) {  // eval on rows: each task makes its constants
     AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "fastbn_bn_eval_rows", [&] {
       using T = cpu::kernel_type<scalar_t>;
-      eval_rows<T>(L, reinterpret_cast<const T*>(L.x.const_data_ptr<scalar_t>()),
-                   reinterpret_cast<T*>(out.data_ptr<scalar_t>()), weight, bias, running_mean, running_var, eps,
-                   mean_out, invstd_out);
+      using A = cpu::acc_t<T>;
+      rows_with_own_constants<T>(L, reinterpret_cast<const T*>(L.x.const_data_ptr<scalar_t>()),
+                                 reinterpret_cast<T*>(out.data_ptr<scalar_t>()), from_memory(input),
+                                 [&](A* m, A* scale, A* shift, bool first) {
+        ChannelValues<double> mean(C), var(C), w(C), b(C), invstd(C);
+        read_channels(running_mean, 0.0, 0, C, mean.data());
+        read_channels(running_var, 1.0, 0, C, var.data());
+        read_channels(weight, 1.0, 0, C, w.data());
+        read_channels(bias, 0.0, 0, C, b.data());
+        forward_constants(0, C, /*training=*/false, M, eps, mean.data(), nullptr, w.data(), b.data(), var.data(),
+                          invstd.data(), m, scale, shift);
+        if (first) {
+          write_channels(mean_out, mean.data(), 0, C);
+          write_channels(invstd_out, invstd.data(), 0, C);
+        }
+      });
     });
     return {out, mean_out, invstd_out};
   }
@@ -849,39 +905,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_cpu(const Tensor& input, const Opt
     }
     constants(0, C);
     if (M == 0) return;
-    if (short_planes(L)) {
-      const BatchNormLayout R = as_rows(L);
-      const auto cm = per_column(m.data(), C, L.S), cs = per_column(scale.data(), C, L.S),
-                 csh = per_column(shift.data(), C, L.S);
-      for_each_span(
-          R, no_planes,
-          [&](int64_t r0, int64_t nr) {
-            k.rows_normalize(x + r0 * R.C, y + r0 * R.C, nr, R.C, R.C, cm.get(), cs.get(), csh.get(), in_memory);
-          },
-          kMinShortPlaneRowsToThread);
-      normalized = true;
-      return;
-    }
-    if (vector_planes(L)) {
-      for_channel_ranges(L, [&](int64_t c0, int64_t c1, int64_t o) {
-        k.planes_normalize(x + o, y + o, L.N, c1 - c0, L.S, C * L.S, &m[c0], &scale[c0], &shift[c0]);
-      });
-      normalized = true;
-      return;
-    }
-    if (L.planar && groups.usable && groups.width > 1) {  // eval over short planes in channel groups, as the fused forward
-      at::parallel_for(0, groups.count, grain(groups.count, L.x.numel()), [&](int64_t g0, int64_t g1) {
-        for (int64_t g = g0; g < g1; ++g)
-          group_normalize<T>(L, x, y, groups.start(g), groups.length(g, C), m.data(), scale.data(), shift.data());
-      });
-      normalized = true;
-      return;
-    }
-    // Planes: rows went to the three phases (training) or to eval_rows.
-    const ChannelBlocks cb(L);
-    cb.parallel_each(L.x.numel(), [&](int64_t, int64_t c, int64_t off, int64_t runs, int64_t len) {
-      k.plane_normalize(x + off, y + off, runs, len, cb.stride(), m[c], scale[c], shift[c]);
-    });
+    normalize_pass<T>(L, x, y, m.data(), scale.data(), shift.data(), in_memory);
     normalized = true;
   });
   TORCH_INTERNAL_ASSERT(normalized || M == 0);
@@ -1023,6 +1047,25 @@ Tensor batch_norm_backward_input_cpu(const Tensor& grad_output, const Tensor& in
   Tensor dx = empty_like_layout(L);
   const int64_t C = L.C, M = L.per_channel();
   if (M == 0) return dx;
+  if (!(sum_dy.has_value() && sum_dy->defined())) {  // eval: dx = dy * (weight * invstd), x not read
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "fastbn_bn_bwd_input_eval", [&] {
+      using T = cpu::kernel_type<scalar_t>;
+      using A = cpu::acc_t<T>;
+      const T* g = reinterpret_cast<const T*>(dy.const_data_ptr<scalar_t>());
+      T* d = reinterpret_cast<T*>(dx.data_ptr<scalar_t>());
+      auto make = [&](A* zero_mean, A* a, A* zero_shift, bool) {
+        eval_grad_constants(weight, invstd, C, zero_mean, a, zero_shift);
+      };
+      if (!L.planar) {
+        rows_with_own_constants<T>(L, g, d, from_memory(input), make);
+        return;
+      }
+      ChannelValues<A> zero_mean(C), a(C), zero_shift(C);
+      make(zero_mean.data(), a.data(), zero_shift.data(), true);
+      normalize_pass<T>(L, g, d, zero_mean.data(), a.data(), zero_shift.data(), from_memory(input));
+    });
+    return dx;
+  }
 
   const ChannelValues<double> w = read_channels(weight, C, 1.0), is = read_channels(invstd, C, 1.0);
   const ChannelValues<double> s1 = read_channels(sum_dy, C, 0.0), s2 = read_channels(sum_dy_xmu, C, 0.0);

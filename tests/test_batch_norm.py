@@ -449,6 +449,30 @@ def test_constant_channel_gives_bias_and_finite_grads(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape,channels_last", [((8, 5), False), ((4, 3, 2, 2), False), ((4, 3, 2, 2), True),
+                                                 ((3, 6, 7, 7), False)])
+def test_eval_input_gradient_does_not_read_the_input(device, shape, channels_last):
+    """In eval dx = dy * weight * invstd: an infinite input value leaves it finite, as in torch."""
+    x = torch.randn(shape, device=device)
+    x.view(-1)[3] = float("inf")
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    kind = "BatchNorm2d" if len(shape) == 4 else "BatchNorm1d"
+    bn, ref = getattr(fastbn.nn, kind)(shape[1], device=device), getattr(torch.nn, kind)(shape[1], device=device)
+    with torch.no_grad():
+        for m in (bn, ref):
+            m.weight.copy_(torch.linspace(0.5, 2.0, shape[1]))
+            m.running_var.copy_(torch.linspace(0.25, 4.0, shape[1]))
+    bn.eval(), ref.eval()
+    g = torch.randn_like(x)
+    xs, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    dx, = torch.autograd.grad(bn(xs), [xs], g)
+    dx_ref, = torch.autograd.grad(ref(xr), [xr], g)
+    assert torch.isfinite(dx).all()
+    torch.testing.assert_close(dx, dx_ref)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape,channels_last", [((0, 3, 4, 4), False), ((0, 64, 4, 4), True), ((0, 1000), False)])
 def test_empty_batch(device, shape, channels_last):
     kind = "BatchNorm2d" if len(shape) == 4 else "BatchNorm1d"
