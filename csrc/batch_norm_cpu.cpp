@@ -399,7 +399,7 @@ constexpr int64_t kGroupedPlaneBytes = 512;
 constexpr int64_t kPlaneGroupBytes = int64_t(256) << 10;
 bool planes_side_by_side(const BatchNormLayout& L) {
   const int64_t bytes = L.S * int64_t(L.x.element_size());
-  return L.planar && bytes <= kGroupedPlaneBytes && bytes % 64 == 0;
+  return L.planar && bytes > 0 && bytes <= kGroupedPlaneBytes && bytes % 64 == 0;  // empty: S = 0
 }
 
 struct ChannelGroups {
@@ -718,30 +718,6 @@ void forward_constants(int64_t c0, int64_t c1, bool training, int64_t M, double 
   }
 }
 
-// y = (x - m) * scale + shift per channel on the rows layout (BatchNorm1d, channels_last), where
-// every task makes the constants itself: make(m, scale, shift, first), `first` for the task of row
-// 0 (the calling thread's). For eval, whose constants come from tensors that are read-only here
-// (running stats, parameters; the saved invstd), rather than the calling thread making them for the
-// others to read: a per-channel vector that one core writes and the other reads costs a line
-// transfer each call (and the next call's write, an invalidation), where read-only tensors stay
-// cached in both cores. Paired in one process, the same bits: eval at 200x1000 1.06x as fast in the
-// VM's fast minutes, 1.53x in slow ones (benchmarks/results/cpu-2026-11-28-eval-private-constants.md).
-template <typename T, typename Make>
-void rows_with_own_constants(const BatchNormLayout& L, const T* x, T* y, bool in_memory, Make&& make) {
-  using A = cpu::acc_t<T>;
-  const auto& k = cpu::kernels_for<T>();
-  const int64_t C = L.C;
-  const RowChunks rc(C, L.per_channel());
-  at::parallel_for(0, rc.count, grain(rc.count, L.x.numel()), [&](int64_t q0, int64_t q1) {
-    ChannelValues<A> m(C), scale(C), shift(C);
-    make(m.data(), scale.data(), shift.data(), q0 == 0);
-    for (int64_t q = q0; q < q1; ++q) {
-      const int64_t o = rc.first(q) * C;
-      k.rows_normalize(x + o, y + o, rc.length(q), C, C, m.data(), scale.data(), shift.data(), in_memory);
-    }
-  });
-}
-
 // y = (x - m) * scale + shift per channel, the constants given, on any layout: the forward's
 // normalise where it is a pass of its own, and the eval backward's dx = dy * (weight * invstd).
 template <typename T>
@@ -784,6 +760,52 @@ void normalize_pass(const BatchNormLayout& L, const T* x, T* y, const cpu::acc_t
       });
 }
 
+// The eval forward's constants from the running stats and parameters (forward_constants in eval),
+// and mean and invstd in double for the op's outputs.
+template <typename A>
+void eval_forward_constants(const OptTensor& running_mean, const OptTensor& running_var, const OptTensor& weight,
+                            const OptTensor& bias, double eps, int64_t C, double* mean, double* invstd, A* m, A* scale,
+                            A* shift) {
+  ChannelValues<double> var(C), w(C), b(C);
+  read_channels(running_mean, 0.0, 0, C, mean);
+  read_channels(running_var, 1.0, 0, C, var.data());
+  read_channels(weight, 1.0, 0, C, w.data());
+  read_channels(bias, 0.0, 0, C, b.data());
+  forward_constants(0, C, /*training=*/false, /*M (unused in eval)=*/0, eps, mean, nullptr, w.data(), b.data(),
+                    var.data(), invstd, m, scale, shift);
+}
+
+// Eval: y = (x - m) * scale + shift with constants that make(m, scale, shift, first) computes from
+// tensors read-only here (running stats, parameters; the saved invstd). On the rows layout
+// (BatchNorm1d, channels_last) every task makes them itself, `first` for the task of row 0 (the
+// calling thread's), rather than the calling thread making them for the others to read: a
+// per-channel vector that one core writes and the other reads costs a line transfer each call (and
+// the next call's write, an invalidation), where read-only tensors stay cached in both cores. Paired
+// in one process, the same bits: eval at 200x1000 1.06x as fast in the VM's fast minutes, 1.53x in
+// slow ones (benchmarks/results/cpu-2026-11-28-eval-private-constants.md). Planes, whose tasks hold a
+// few channels each, and empty inputs: made once, by the calling thread.
+template <typename T, typename Make>
+void eval_affine_pass(const BatchNormLayout& L, const T* x, T* y, bool in_memory, Make&& make) {
+  using A = cpu::acc_t<T>;
+  const int64_t C = L.C, M = L.per_channel();
+  if (!L.planar && M > 0) {
+    const auto& k = cpu::kernels_for<T>();
+    const RowChunks rc(C, M);
+    at::parallel_for(0, rc.count, grain(rc.count, L.x.numel()), [&](int64_t q0, int64_t q1) {
+      ChannelValues<A> m(C), scale(C), shift(C);
+      make(m.data(), scale.data(), shift.data(), q0 == 0);
+      for (int64_t q = q0; q < q1; ++q) {
+        const int64_t o = rc.first(q) * C;
+        k.rows_normalize(x + o, y + o, rc.length(q), C, C, m.data(), scale.data(), shift.data(), in_memory);
+      }
+    });
+    return;
+  }
+  ChannelValues<A> m(C), scale(C), shift(C);
+  make(m.data(), scale.data(), shift.data(), true);
+  if (M > 0) normalize_pass<T>(L, x, y, m.data(), scale.data(), shift.data(), in_memory);
+}
+
 Tensor empty_like_layout(const BatchNormLayout& L) {
   return cpu::empty_output(L.x.sizes(), L.x.scalar_type(), L.format);
 }
@@ -803,20 +825,16 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_cpu(const Tensor& input, const Opt
   Tensor mean_out = at::empty({C}, input.options().dtype(acc)), invstd_out = at::empty({C}, input.options().dtype(acc));
   if (training && M == 0)  // empty batch: nothing to normalise, running stats untouched (as torch)
     return {out, mean_out.zero_(), invstd_out.zero_()};
-  if (!training && !L.planar && M > 0) {  // eval on rows: each task makes its constants
-    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "fastbn_bn_eval_rows", [&] {
+  if (!training) {  // the running stats' constants, then one normalise pass
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "fastbn_bn_eval", [&] {
       using T = cpu::kernel_type<scalar_t>;
       using A = cpu::acc_t<T>;
-      rows_with_own_constants<T>(L, reinterpret_cast<const T*>(L.x.const_data_ptr<scalar_t>()),
-                                 reinterpret_cast<T*>(out.data_ptr<scalar_t>()), from_memory(input),
-                                 [&](A* m, A* scale, A* shift, bool first) {
-        ChannelValues<double> mean(C), var(C), w(C), b(C), invstd(C);
-        read_channels(running_mean, 0.0, 0, C, mean.data());
-        read_channels(running_var, 1.0, 0, C, var.data());
-        read_channels(weight, 1.0, 0, C, w.data());
-        read_channels(bias, 0.0, 0, C, b.data());
-        forward_constants(0, C, /*training=*/false, M, eps, mean.data(), nullptr, w.data(), b.data(), var.data(),
-                          invstd.data(), m, scale, shift);
+      eval_affine_pass<T>(L, reinterpret_cast<const T*>(L.x.const_data_ptr<scalar_t>()),
+                          reinterpret_cast<T*>(out.data_ptr<scalar_t>()), from_memory(input),
+                          [&](A* m, A* scale, A* shift, bool first) {
+        ChannelValues<double> mean(C), invstd(C);
+        eval_forward_constants(running_mean, running_var, weight, bias, eps, C, mean.data(), invstd.data(), m,
+                               scale, shift);
         if (first) {
           write_channels(mean_out, mean.data(), 0, C);
           write_channels(invstd_out, invstd.data(), 0, C);
@@ -825,11 +843,8 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_cpu(const Tensor& input, const Opt
     });
     return {out, mean_out, invstd_out};
   }
-  // mean and the biased variance used to normalise, per channel (eval: the running stats)
-  ChannelValues<double> mean = training ? ChannelValues<double>(C) : read_channels(running_mean, C, 0),
-                        var = training ? ChannelValues<double>(C) : read_channels(running_var, C, 1);
-  ChannelValues<double> invstd(C), m2(C), w(C), b(C);
-  const bool update = training && has_running;
+  // Training from here. The batch's mean and biased variance, per channel.
+  ChannelValues<double> mean(C), var(C), invstd(C), m2(C), w(C), b(C);
   const double unbiased = M > 1 ? 1.0 / double(M - 1) : NAN;  // the running variance is unbiased
   // The per-channel work around the statistics, for channels [c0, c1): the parameters in, and
   // once the statistics are known the outputs: the running stats' update, mean and invstd. The
@@ -837,13 +852,13 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_cpu(const Tensor& input, const Opt
   // read them all from the other cores after the region: BatchNorm1d 200x1000's forward op ~2 us
   // faster); the other paths, whose tasks hold a few channels each, before and after their region
   // (done per group, 32x256x8x8's training step was 3% slower).
-  const bool rows_phases = training && !L.planar;
+  const bool rows_phases = !L.planar;
   auto parameters = [&](int64_t c0, int64_t c1) {
     read_channels(weight, 1.0, c0, c1, w.data());
     read_channels(bias, 0.0, c0, c1, b.data());
   };
   auto outputs = [&](int64_t c0, int64_t c1) {
-    if (update) {
+    if (has_running) {
       update_running(*running_mean, c0, c1, momentum, mean.data(), 1.0);
       update_running(*running_var, c0, c1, momentum, m2.data(), unbiased);
     }
@@ -860,11 +875,11 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_cpu(const Tensor& input, const Opt
     ChannelValues<A> m(C), scale(C), shift(C);
     const bool in_memory = from_memory(input);
     auto constants = [&](int64_t c0, int64_t c1) {
-      forward_constants(c0, c1, training, M, eps, mean.data(), m2.data(), w.data(), b.data(), var.data(),
+      forward_constants(c0, c1, /*training=*/true, M, eps, mean.data(), m2.data(), w.data(), b.data(), var.data(),
                         invstd.data(), m.data(), scale.data(), shift.data());
     };
     const ChannelGroups groups(L, sizeof(T));
-    if (training && L.planar && groups.usable) {  // one region: statistics, then normalise from cache
+    if (L.planar && groups.usable) {  // one region: statistics, then normalise from cache
       at::parallel_for(0, groups.count, grain(groups.count, L.x.numel()), [&](int64_t g0, int64_t g1) {
         for (int64_t g = g0; g < g1; ++g) {
           const int64_t c0 = groups.start(g), W = groups.length(g, C);
@@ -900,15 +915,12 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_cpu(const Tensor& input, const Opt
       normalized = true;
       return;
     }
-    if (training) {
-      channel_moments<T>(L, x, mean.data(), m2.data());
-    }
+    channel_moments<T>(L, x, mean.data(), m2.data());
     constants(0, C);
-    if (M == 0) return;
     normalize_pass<T>(L, x, y, m.data(), scale.data(), shift.data(), in_memory);
     normalized = true;
   });
-  TORCH_INTERNAL_ASSERT(normalized || M == 0);
+  TORCH_INTERNAL_ASSERT(normalized);
   if (!rows_phases) outputs(0, C);
   return {out, mean_out, invstd_out};
 }
@@ -1053,16 +1065,9 @@ Tensor batch_norm_backward_input_cpu(const Tensor& grad_output, const Tensor& in
       using A = cpu::acc_t<T>;
       const T* g = reinterpret_cast<const T*>(dy.const_data_ptr<scalar_t>());
       T* d = reinterpret_cast<T*>(dx.data_ptr<scalar_t>());
-      auto make = [&](A* zero_mean, A* a, A* zero_shift, bool) {
+      eval_affine_pass<T>(L, g, d, from_memory(input), [&](A* zero_mean, A* a, A* zero_shift, bool) {
         eval_grad_constants(weight, invstd, C, zero_mean, a, zero_shift);
-      };
-      if (!L.planar) {
-        rows_with_own_constants<T>(L, g, d, from_memory(input), make);
-        return;
-      }
-      ChannelValues<A> zero_mean(C), a(C), zero_shift(C);
-      make(zero_mean.data(), a.data(), zero_shift.data(), true);
-      normalize_pass<T>(L, g, d, zero_mean.data(), a.data(), zero_shift.data(), from_memory(input));
+      });
     });
     return dx;
   }

@@ -474,9 +474,11 @@ def test_eval_input_gradient_does_not_read_the_input(device, shape, channels_las
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape,channels_last", [((0, 3, 4, 4), False), ((0, 64, 4, 4), True), ((0, 1000), False)])
-def test_empty_batch(device, shape, channels_last):
+@pytest.mark.parametrize("training", [True, False])
+def test_empty_batch(device, shape, channels_last, training):
     kind = "BatchNorm2d" if len(shape) == 4 else "BatchNorm1d"
     bn, ref = getattr(fastbn.nn, kind)(shape[1], device=device), getattr(torch.nn, kind)(shape[1], device=device)
+    bn.train(training), ref.train(training)
     x = torch.randn(shape, device=device)
     if channels_last:  # rows: the three phases over no row chunks
         x = x.contiguous(memory_format=torch.channels_last)
@@ -488,7 +490,7 @@ def test_empty_batch(device, shape, channels_last):
     ref(x.detach())
     torch.testing.assert_close(bn.running_mean, ref.running_mean)
     torch.testing.assert_close(bn.running_var, ref.running_var)
-    assert bn.num_batches_tracked.item() == ref.num_batches_tracked.item() == 1
+    assert bn.num_batches_tracked.item() == ref.num_batches_tracked.item() == int(training)
 
 
 @pytest.mark.parametrize("shape,channels_last", [
