@@ -59,7 +59,9 @@ class LinearLeakyReLU(torch.nn.Linear):
         self.negative_slope = negative_slope
 
     def forward(self, input):
-        return F.linear_leaky_relu(input, self.weight, self.bias, self.negative_slope)
+        params = self._parameters
+        return F.linear_leaky_relu(input, _lookup(self, params, "weight"), _lookup(self, params, "bias"),
+                                   self.negative_slope)
 
     def extra_repr(self):
         return f"{super().extra_repr()}, negative_slope={self.negative_slope}"

@@ -8,6 +8,7 @@ from fastbn import _C  # noqa: F401  (loads the schemas)
 
 _ops = torch.ops.fastbn
 batch_norm_op = _ops.batch_norm.default  # (out, mean, invstd); running stats updated in training
+linear_leaky_relu_op = _ops.linear_leaky_relu.default
 
 
 def _acc_dtype(dtype):
@@ -273,9 +274,9 @@ def batch_norm_backward_differentiable(grad_output, input, weight, mean, invstd,
 def linear_leaky_relu_forward(input, weight, bias, negative_slope):
     """(out, what the backward keeps): the output itself for slope >= 0, else the pre-activation."""
     if negative_slope >= 0:
-        out = _ops.linear_leaky_relu(input, weight, bias, negative_slope)
+        out = linear_leaky_relu_op(input, weight, bias, negative_slope)
         return out, out
-    pre = _ops.linear_leaky_relu(input, weight, bias, 1.0)  # identity: the pre-activation
+    pre = linear_leaky_relu_op(input, weight, bias, 1.0)  # identity: the pre-activation
     return torch.nn.functional.leaky_relu(pre, negative_slope), pre
 
 
