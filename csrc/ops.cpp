@@ -1,6 +1,7 @@
 // The fastbn operator schemas (declared once, for every backend) and the Python module that
 // reports what this build contains. Kernels: batch_norm_cpu.cpp, linear_leaky_relu_cpu.cpp,
-// cuda/*.cu; autograd and fake (meta) kernels: fastbn/ops.py.
+// cuda/*.cu; autograd and fake (meta) kernels: fastbn/ops.py; typed entry points for eager calls
+// (the module's `eager` submodule): eager_calls.cpp.
 #include <torch/extension.h>
 
 #include "cpu/kernels.h"
@@ -90,6 +91,10 @@ TORCH_LIBRARY_IMPL(fastbn, CUDA, m) {
 }
 #endif
 
+namespace fastbn {
+void register_eager_calls(pybind11::module_& m);  // eager_calls.cpp
+}
+
 PYBIND11_MODULE(_C, mod) {
   mod.doc() = "fastbn compiled kernels (ops are registered under torch.ops.fastbn)";
   mod.attr("version") = FASTBN_VERSION;
@@ -109,4 +114,6 @@ PYBIND11_MODULE(_C, mod) {
     return std::make_tuple(s.cached_bytes, s.hits, s.misses);
   }, "(cached bytes, hits, misses) of the cache of large CPU outputs");
   mod.def("empty_cpu_cache", &fastbn::cpu::empty_cache, "Return the cached CPU output blocks to the system");
+  auto eager = mod.def_submodule("eager", "fastbn's hot ops called through the dispatcher's typed handles");
+  fastbn::register_eager_calls(eager);
 }

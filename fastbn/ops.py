@@ -4,11 +4,34 @@ and the autograd Functions that pair each forward op with its backward ops. User
 fastbn.functional / fastbn.nn, not this module."""
 import torch
 
-from fastbn import _C  # noqa: F401  (loads the schemas)
+from fastbn import _C  # loads the schemas
 
 _ops = torch.ops.fastbn
-batch_norm_op = _ops.batch_norm.default  # (out, mean, invstd); running stats updated in training
-linear_leaky_relu_op = _ops.linear_leaky_relu.default
+
+
+def _eager_or_torch_ops(name):
+    """fastbn::<name> as a function: through _C.eager's typed handle where nothing needs torch.ops
+    (~2-3 us less a call: csrc/eager_calls.cpp), else through torch.ops, which alone handles
+    torch.compile's tracing and __torch_function__ (tensor subclasses; modes such as
+    `with torch.device(...)`). The dispatch below either is the same."""
+    eager, op = getattr(_C.eager, name), getattr(_ops, name).default
+
+    def call(*args):
+        if not torch.compiler.is_compiling() and not torch._C._has_torch_function(args):
+            try:
+                return eager(*args)
+            except TypeError:  # an argument pybind11 cannot convert: torch.ops names it in torch's words
+                pass
+        return op(*args)
+
+    call.__name__ = call.__qualname__ = f"{name}_op"
+    return call
+
+
+batch_norm_op = _eager_or_torch_ops("batch_norm")  # (out, mean, invstd); running stats updated in training
+batch_norm_backward_op = _eager_or_torch_ops("batch_norm_backward")  # (grad_input, grad_weight, grad_bias)
+linear_leaky_relu_op = _eager_or_torch_ops("linear_leaky_relu")
+linear_leaky_relu_backward_op = _eager_or_torch_ops("linear_leaky_relu_backward")
 
 
 def _acc_dtype(dtype):
@@ -205,7 +228,7 @@ def _batch_norm_backward(ctx, grad_output):
     grad_input = grad_weight = grad_bias = None
     sum_dy = sum_dy_xmu = None
     if ctx.training and need_input:  # the common case: every gradient, in one fused op
-        grad_input, grad_weight, grad_bias = _ops.batch_norm_backward(grad_output, input, mean, invstd, weight)
+        grad_input, grad_weight, grad_bias = batch_norm_backward_op(grad_output, input, mean, invstd, weight)
         return (grad_input, grad_weight if need_weight else None, grad_bias if need_bias else None,
                 None, None, None, None, None)
     if need_weight or need_bias or (need_input and ctx.training):
@@ -334,7 +357,7 @@ def _linear_leaky_relu_backward(ctx, grad_output):
         grad_pre = _through_activation(grad_output, saved, ctx.negative_slope)
         grad_bias = grad_pre.reshape(-1, weight.shape[0]).sum(0)
     elif need_input and need_weight:  # the common case: one op
-        grad_input, grad_weight, grad_bias = _ops.linear_leaky_relu_backward.default(
+        grad_input, grad_weight, grad_bias = linear_leaky_relu_backward_op(
             grad_output, input, weight, saved, ctx.negative_slope)
         return grad_input, grad_weight, grad_bias if need_bias else None, None
     else:
