@@ -1,4 +1,5 @@
-"""torch.library glue for the ops declared in csrc/ops.cpp: fake (meta) kernels, so that
+"""torch.library glue for the ops declared in csrc/ops.cpp: the functions that call them (through
+the typed handles of csrc/eager_calls.cpp, or torch.ops); fake (meta) kernels, so that
 torch.compile and FakeTensor can trace them; vmap rules, so that torch.func.vmap batches them;
 and the autograd Functions that pair each forward op with its backward ops. Users call
 fastbn.functional / fastbn.nn, not this module."""
