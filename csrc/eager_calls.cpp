@@ -5,8 +5,9 @@
 // operator through the dispatcher's typed handle, as torch's own Python bindings do: the same
 // dispatch -- every backend, the autograd and ADInplaceOrView fallbacks, fake tensors and
 // __torch_dispatch__ modes, the profiler's record -- at ~2-3 us less a call (BatchNorm1d 200x1000,
-// EPYC VM: forward op 29.3 -> 26.7 us, backward op 37.0 -> 34.9; the training step 1.05x as fast,
-// 1x512x4x4's and 8x1000's 1.08-1.09x). fastbn/ops.py keeps torch.ops for what only it handles:
+// EPYC VM: forward op 29.3 -> 26.7 us, backward op 37.0 -> 34.9; module steps 1.02-1.07x as fast at
+// 200x1000, 1x512x4x4 and 8x1000: benchmarks/results/cpu-2026-11-28-eager-calls.md).
+// fastbn/ops.py keeps torch.ops for what only it handles:
 // torch.compile's tracing and __torch_function__ (tensor subclasses, modes such as
 // `with torch.device(...)`). The GIL is released during the call, as torch's bindings do.
 #include <torch/extension.h>

@@ -14,7 +14,7 @@ def _eager_or_torch_ops(name):
     """fastbn::<name> as a function: through _C.eager's typed handle where nothing needs torch.ops
     (~2-3 us less a call: csrc/eager_calls.cpp), else through torch.ops, which alone handles
     torch.compile's tracing and __torch_function__ (tensor subclasses; modes such as
-    `with torch.device(...)`). The dispatch below either is the same."""
+    `with torch.device(...)`). Below that choice the dispatch is the same."""
     eager, op = getattr(_C.eager, name), getattr(_ops, name).default
 
     def call(*args):
