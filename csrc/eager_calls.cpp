@@ -1,4 +1,4 @@
-// Typed entry points for fastbn's hot ops, for eager calls from Python (fastbn/ops.py).
+// Typed entry points for fastbn's ops, for eager calls from Python (fastbn/ops.py).
 //
 // torch.ops.fastbn.<op>(...) parses its arguments against the schema into a stack of IValues and
 // makes a boxed call. These bindings convert the arguments once (pybind11) and call the same
@@ -17,7 +17,9 @@ namespace {
 
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
+using Tensors2 = std::tuple<Tensor, Tensor>;
 using Tensors3 = std::tuple<Tensor, Tensor, Tensor>;
+using Tensors4 = std::tuple<Tensor, Tensor, Tensor, Tensor>;
 
 template <typename Sig>
 c10::TypedOperatorHandle<Sig> typed_op(const char* name) {
@@ -37,9 +39,27 @@ Tensors3 batch_norm_backward(const Tensor& grad_output, const Tensor& input, con
   return op.call(grad_output, input, mean, invstd, weight);
 }
 
+Tensors4 batch_norm_backward_reduce(const Tensor& grad_output, const Tensor& input, const Tensor& mean,
+                                    const Tensor& invstd, const OptTensor& weight) {
+  static const auto op = typed_op<decltype(batch_norm_backward_reduce)>("fastbn::batch_norm_backward_reduce");
+  return op.call(grad_output, input, mean, invstd, weight);
+}
+
+Tensor batch_norm_backward_input(const Tensor& grad_output, const Tensor& input, const Tensor& mean,
+                                 const Tensor& invstd, const OptTensor& weight, const OptTensor& sum_dy,
+                                 const OptTensor& sum_dy_xmu) {
+  static const auto op = typed_op<decltype(batch_norm_backward_input)>("fastbn::batch_norm_backward_input");
+  return op.call(grad_output, input, mean, invstd, weight, sum_dy, sum_dy_xmu);
+}
+
 Tensor linear_leaky_relu(const Tensor& input, const Tensor& weight, const OptTensor& bias, double negative_slope) {
   static const auto op = typed_op<decltype(linear_leaky_relu)>("fastbn::linear_leaky_relu");
   return op.call(input, weight, bias, negative_slope);
+}
+
+Tensors2 leaky_relu_backward_bias(const Tensor& grad_output, const Tensor& saved, double negative_slope) {
+  static const auto op = typed_op<decltype(leaky_relu_backward_bias)>("fastbn::leaky_relu_backward_bias");
+  return op.call(grad_output, saved, negative_slope);
 }
 
 Tensors3 linear_leaky_relu_backward(const Tensor& grad_output, const Tensor& input, const Tensor& weight,
@@ -50,15 +70,20 @@ Tensors3 linear_leaky_relu_backward(const Tensor& grad_output, const Tensor& inp
 
 }  // namespace
 
+#define FASTBN_EAGER(name) \
+  m.def(#name, &name, pybind11::call_guard<pybind11::gil_scoped_release>(), \
+        "torch.ops.fastbn." #name ", called through its typed handle")
+
 void register_eager_calls(pybind11::module_& m) {
-  using release_gil = pybind11::call_guard<pybind11::gil_scoped_release>;
-  m.def("batch_norm", &batch_norm, release_gil(), "torch.ops.fastbn.batch_norm, called through its typed handle");
-  m.def("batch_norm_backward", &batch_norm_backward, release_gil(),
-        "torch.ops.fastbn.batch_norm_backward, called through its typed handle");
-  m.def("linear_leaky_relu", &linear_leaky_relu, release_gil(),
-        "torch.ops.fastbn.linear_leaky_relu, called through its typed handle");
-  m.def("linear_leaky_relu_backward", &linear_leaky_relu_backward, release_gil(),
-        "torch.ops.fastbn.linear_leaky_relu_backward, called through its typed handle");
+  FASTBN_EAGER(batch_norm);
+  FASTBN_EAGER(batch_norm_backward_reduce);
+  FASTBN_EAGER(batch_norm_backward_input);
+  FASTBN_EAGER(batch_norm_backward);
+  FASTBN_EAGER(linear_leaky_relu);
+  FASTBN_EAGER(leaky_relu_backward_bias);
+  FASTBN_EAGER(linear_leaky_relu_backward);
 }
+
+#undef FASTBN_EAGER
 
 }  // namespace fastbn

@@ -114,6 +114,6 @@ PYBIND11_MODULE(_C, mod) {
     return std::make_tuple(s.cached_bytes, s.hits, s.misses);
   }, "(cached bytes, hits, misses) of the cache of large CPU outputs");
   mod.def("empty_cpu_cache", &fastbn::cpu::empty_cache, "Return the cached CPU output blocks to the system");
-  auto eager = mod.def_submodule("eager", "fastbn's hot ops called through the dispatcher's typed handles");
+  auto eager = mod.def_submodule("eager", "fastbn's ops called through the dispatcher's typed handles");
   fastbn::register_eager_calls(eager);
 }

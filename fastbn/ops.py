@@ -29,9 +29,13 @@ def _eager_or_torch_ops(name):
     return call
 
 
+# (what each returns: csrc/ops.cpp's schemas)
 batch_norm_op = _eager_or_torch_ops("batch_norm")  # (out, mean, invstd); running stats updated in training
+batch_norm_backward_reduce_op = _eager_or_torch_ops("batch_norm_backward_reduce")
+batch_norm_backward_input_op = _eager_or_torch_ops("batch_norm_backward_input")
 batch_norm_backward_op = _eager_or_torch_ops("batch_norm_backward")  # (grad_input, grad_weight, grad_bias)
 linear_leaky_relu_op = _eager_or_torch_ops("linear_leaky_relu")
+leaky_relu_backward_bias_op = _eager_or_torch_ops("leaky_relu_backward_bias")
 linear_leaky_relu_backward_op = _eager_or_torch_ops("linear_leaky_relu_backward")
 
 
@@ -233,11 +237,11 @@ def _batch_norm_backward(ctx, grad_output):
         return (grad_input, grad_weight if need_weight else None, grad_bias if need_bias else None,
                 None, None, None, None, None)
     if need_weight or need_bias or (need_input and ctx.training):
-        sum_dy, sum_dy_xmu, grad_weight, grad_bias = _ops.batch_norm_backward_reduce(
+        sum_dy, sum_dy_xmu, grad_weight, grad_bias = batch_norm_backward_reduce_op(
             grad_output, input, mean, invstd, weight
         )
     if need_input:
-        grad_input = _ops.batch_norm_backward_input(
+        grad_input = batch_norm_backward_input_op(
             grad_output, input, mean, invstd, weight,
             sum_dy if ctx.training else None, sum_dy_xmu if ctx.training else None,
         )
@@ -362,7 +366,7 @@ def _linear_leaky_relu_backward(ctx, grad_output):
             grad_output, input, weight, saved, ctx.negative_slope)
         return grad_input, grad_weight, grad_bias if need_bias else None, None
     else:
-        grad_pre, grad_bias = _ops.leaky_relu_backward_bias(grad_output, saved, ctx.negative_slope)
+        grad_pre, grad_bias = leaky_relu_backward_bias_op(grad_output, saved, ctx.negative_slope)
     grad_pre = grad_pre.reshape(-1, weight.shape[0])
     grad_input = grad_weight = None
     if need_input:

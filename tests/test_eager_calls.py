@@ -10,7 +10,8 @@ import fastbn
 from fastbn import _C
 from tests.conftest import DEVICES
 
-OPS = ("batch_norm", "batch_norm_backward", "linear_leaky_relu", "linear_leaky_relu_backward")
+OPS = ("batch_norm", "batch_norm_backward_reduce", "batch_norm_backward_input", "batch_norm_backward",
+       "linear_leaky_relu", "leaky_relu_backward_bias", "linear_leaky_relu_backward")
 
 
 def _args(name, device):
@@ -20,14 +21,25 @@ def _args(name, device):
     c = torch.ones(5, device=device)
     if name == "batch_norm":
         return (x, c * 1.5, c * 0.2, c * 0.0, c * 1.0, True, 0.1, 1e-5)
-    if name == "batch_norm_backward":
+    if name.startswith("batch_norm_backward"):
         _, mean, invstd = torch.ops.fastbn.batch_norm(x, c, c, None, None, True, 0.1, 1e-5)
-        return (torch.randn_like(x), x, mean, invstd, c * 1.5)
+        args = (torch.randn_like(x), x, mean, invstd, c * 1.5)
+        if name == "batch_norm_backward_input":  # training: with the per-channel sums
+            args += tuple(torch.ops.fastbn.batch_norm_backward_reduce(*args)[:2])
+        return args
     a, w, b = torch.randn(6, 4, device=device), torch.randn(3, 4, device=device), torch.randn(3, device=device)
     if name == "linear_leaky_relu":
         return (a, w, b, 0.02)
     out = torch.ops.fastbn.linear_leaky_relu(a, w, b, 0.02)
+    if name == "leaky_relu_backward_bias":
+        return (torch.randn_like(out), out, 0.02)
     return (torch.randn_like(out), a, w, out, 0.02)
+
+
+def test_every_op_has_an_eager_call_and_a_test():
+    ops = {n.split("::")[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("fastbn::")}
+    assert ops == set(OPS)
+    assert all(callable(getattr(_C.eager, name)) for name in OPS)
 
 
 @pytest.mark.parametrize("device", DEVICES)
