@@ -8,7 +8,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastbn
 from fastbn import _C
-from tests.conftest import DEVICES
+from conftest import DEVICES
 
 OPS = ("batch_norm", "batch_norm_backward_reduce", "batch_norm_backward_input", "batch_norm_backward",
        "linear_leaky_relu", "leaky_relu_backward_bias", "linear_leaky_relu_backward")
