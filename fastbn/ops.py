@@ -367,12 +367,15 @@ def _linear_leaky_relu_backward(ctx, grad_output):
         return grad_input, grad_weight, grad_bias if need_bias else None, None
     else:
         grad_pre, grad_bias = leaky_relu_backward_bias_op(grad_output, saved, ctx.negative_slope)
-    grad_pre = grad_pre.reshape(-1, weight.shape[0])
+    # torch.mm, not `@`: Tensor.__matmul__ is a Python wrapper (~2 us a call at the MLP's last layers);
+    # 2D inputs, the usual case, need no reshape
+    if grad_pre.dim() != 2:
+        grad_pre = grad_pre.reshape(-1, weight.shape[0])
     grad_input = grad_weight = None
     if need_input:
-        grad_input = (grad_pre @ weight).view(input.shape)
+        grad_input = torch.mm(grad_pre, weight).view(input.shape)
     if need_weight:
-        grad_weight = grad_pre.t() @ input.reshape(-1, weight.shape[1])
+        grad_weight = torch.mm(grad_pre.t(), input if input.dim() == 2 else input.reshape(-1, weight.shape[1]))
     return grad_input, grad_weight, grad_bias if need_bias else None, None
 
 
