@@ -56,24 +56,26 @@ def test_eager_call_gives_the_bits_of_torch_ops(name, device):
             assert torch.equal(a, c)
 
 
-class _RecordDispatch(TorchDispatchMode):
+class _Recording:
+    """A mode that notes the name of every function it sees, then runs it."""
+
     def __init__(self):
         super().__init__()
         self.seen = []
 
+    def _run(self, func, args, kwargs):
+        self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+class _RecordDispatch(_Recording, TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.seen.append(str(func))
-        return func(*args, **(kwargs or {}))
+        return self._run(func, args, kwargs)
 
 
-class _RecordFunction(TorchFunctionMode):
-    def __init__(self):
-        super().__init__()
-        self.seen = []
-
+class _RecordFunction(_Recording, TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        self.seen.append(str(func))
-        return func(*args, **(kwargs or {}))
+        return self._run(func, args, kwargs)
 
 
 def _bn_step(x):
