@@ -3,6 +3,7 @@
 // GEMMs. From Python these were seven op calls (~9 us of the backward at the MLP's 200x100->10).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
 #include "checks.h"
@@ -44,7 +45,12 @@ std::tuple<Tensor, Tensor, Tensor> linear_leaky_relu_backward(const Tensor& grad
   const Tensor x = input.reshape({-1, K});
   Tensor grad_input, grad_weight;
   if (gemms_side_by_side(input, grad_pre.size(0), N, K)) {
+    // The worker thread calls at::mm through the dispatcher from the top, with its own thread-local
+    // state: it must take this thread's (grad mode off, the dispatch keys already passed, modes),
+    // else a backward under no_grad returned a grad_weight recording an MmBackward0 node.
+    const at::ThreadLocalState caller_state;
     at::parallel_for(0, 2, 1, [&](int64_t begin, int64_t end) {
+      const at::ThreadLocalStateGuard as_caller(caller_state);
       for (int64_t i = begin; i < end; ++i) {
         if (i == 0)
           grad_input = at::mm(grad_pre, weight);

@@ -216,9 +216,15 @@ def test_backward_op_matches_torch(threads, shape, out_features, slope):
     old = torch.get_num_threads()
     try:
         torch.set_num_threads(threads)
-        gi, gw, gb = torch.ops.fastbn.linear_leaky_relu_backward(g, x, w, saved, slope)
+        # as the autograd engine calls it: grad mode off, inputs that require grad; the side-by-side
+        # GEMMs' worker thread must record nothing either
+        with torch.no_grad():
+            gi, gw, gb = torch.ops.fastbn.linear_leaky_relu_backward(g, x.requires_grad_(), w.requires_grad_(),
+                                                                     saved, slope)
     finally:
         torch.set_num_threads(old)
+    assert not any(t.requires_grad or t.grad_fn is not None for t in (gi, gw, gb))
+    x, w = x.detach(), w.detach()
     grad_pre = torch.where(pre > 0, g, g * slope).reshape(-1, out_features)
     torch.testing.assert_close(gi, (grad_pre @ w).view(shape), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(gw, grad_pre.t() @ x.reshape(-1, shape[-1]), rtol=1e-12, atol=1e-12)
