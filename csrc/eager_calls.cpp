@@ -1,4 +1,5 @@
-// Typed entry points for fastbn's ops, for eager calls from Python (fastbn/ops.py).
+// Entry points for eager calls from Python (fastbn/ops.py): the ops through typed handles, and
+// the C++ autograd nodes that eager training steps record.
 //
 // torch.ops.fastbn.<op>(...) parses its arguments against the schema into a stack of IValues and
 // makes a boxed call. These bindings convert the arguments once (pybind11) and call the same
@@ -70,6 +71,137 @@ Tensors3 linear_leaky_relu_backward(const Tensor& grad_output, const Tensor& inp
 
 }  // namespace
 
+// ---- the autograd node of an eager BatchNorm ---------------------------------------------------
+// fastbn/ops.py's BatchNormFunction in C++ (its node: torch::autograd::CppNode<fastbn::BatchNormFunction>)
+// for eager training steps: neither recording the node nor the engine's call of its backward enters
+// Python (`python -m benchmarks.autograd_nodes`; benchmarks/results/cpu-2026-11-28-autograd-nodes.md).
+// The maths and the choice of ops are _batch_norm_backward's, which stays the path for torch.compile
+// and __torch_function__; tests/test_eager_calls.py checks that the two give the same bits for every
+// needs_input_grad, with and without create_graph.
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+struct BatchNormFunction : torch::autograd::Function<BatchNormFunction> {
+  // compiled autograd may trace the backward: it reads only the saved tensors and saved_data
+  static constexpr bool is_traceable = true;
+
+  static Tensor forward(AutogradContext* ctx, const Tensor& input, const OptTensor& weight, const OptTensor& bias,
+                        const OptTensor& running_mean, const OptTensor& running_var, bool training,
+                        double momentum, double eps) {
+    auto [out, mean, invstd] = batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps);
+    ctx->save_for_backward({input, weight.value_or(Tensor()), mean, invstd});
+    ctx->saved_data["training"] = training;
+    ctx->saved_data["eps"] = eps;
+    // the edges of the tensors given, in order (an absent weight or bias has none)
+    ctx->saved_data["has_weight"] = weight.has_value() && weight->defined();
+    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    const Tensor &input = saved[0], &mean = saved[2], &invstd = saved[3];
+    const OptTensor weight = saved[1].defined() ? OptTensor(saved[1]) : std::nullopt;
+    const bool training = ctx->saved_data["training"].toBool();
+    const bool has_weight = ctx->saved_data["has_weight"].toBool();
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    const bool need_input = ctx->needs_input_grad(0);
+    const bool need_weight = has_weight && ctx->needs_input_grad(1);
+    const bool need_bias = has_bias && ctx->needs_input_grad(has_weight ? 2 : 1);
+    const Tensor& grad_output = grads[0];
+
+    Tensor grad_input, grad_weight, grad_bias;
+    if (torch::autograd::GradMode::is_enabled()) {
+      // create_graph=True: the gradients must be differentiable too, so torch ops, in Python
+      pybind11::gil_scoped_acquire gil;
+      // a handle that is never released: the module outlives every backward
+      static const pybind11::handle differentiable =
+          pybind11::object(pybind11::module_::import("fastbn.ops").attr("batch_norm_backward_differentiable"))
+              .release();
+      const pybind11::object grads_in_torch_ops =
+          differentiable(grad_output, input, weight, mean, invstd, training, ctx->saved_data["eps"].toDouble());
+      std::tie(grad_input, grad_weight, grad_bias) = grads_in_torch_ops.cast<Tensors3>();
+    } else if (training && need_input) {  // the common case: every gradient, in one fused op
+      std::tie(grad_input, grad_weight, grad_bias) = batch_norm_backward(grad_output, input, mean, invstd, weight);
+    } else {
+      OptTensor sum_dy, sum_dy_xmu;
+      if (need_weight || need_bias || (need_input && training)) {
+        Tensor dy_sum, dy_xmu_sum;
+        std::tie(dy_sum, dy_xmu_sum, grad_weight, grad_bias) =
+            batch_norm_backward_reduce(grad_output, input, mean, invstd, weight);
+        if (training) {
+          sum_dy = dy_sum;
+          sum_dy_xmu = dy_xmu_sum;
+        }
+      }
+      if (need_input) {
+        grad_input = batch_norm_backward_input(grad_output, input, mean, invstd, weight, sum_dy, sum_dy_xmu);
+      }
+    }
+    return {need_input ? grad_input : Tensor(), need_weight ? grad_weight : Tensor(),
+            need_bias ? grad_bias : Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+Tensor batch_norm_autograd(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
+                           const OptTensor& running_mean, const OptTensor& running_var, bool training,
+                           double momentum, double eps) {
+  return BatchNormFunction::apply(input, weight, bias, running_mean, running_var, training, momentum, eps);
+}
+
+// ---- the autograd node of an eager Linear + LeakyReLU -----------------------------------------
+// fastbn/ops.py's LinearLeakyReLUFunction in C++, as BatchNormFunction above; the choices are
+// _linear_leaky_relu_backward's. For slopes >= 0 the output is all the backward keeps (its sign is
+// the pre-activation's); a negative slope keeps the pre-activation.
+struct LinearLeakyReLUFunction : torch::autograd::Function<LinearLeakyReLUFunction> {
+  static constexpr bool is_traceable = true;
+
+  static Tensor forward(AutogradContext* ctx, const Tensor& input, const Tensor& weight, const OptTensor& bias,
+                        double negative_slope) {
+    Tensor out, saved;
+    if (negative_slope >= 0) {
+      out = saved = linear_leaky_relu(input, weight, bias, negative_slope);
+    } else {
+      saved = linear_leaky_relu(input, weight, bias, 1.0);  // identity: the pre-activation
+      out = at::leaky_relu(saved, negative_slope);
+    }
+    ctx->save_for_backward({input, weight, saved});
+    ctx->saved_data["negative_slope"] = negative_slope;
+    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list saved_vars = ctx->get_saved_variables();
+    const Tensor &input = saved_vars[0], &weight = saved_vars[1], &saved = saved_vars[2];
+    const double negative_slope = ctx->saved_data["negative_slope"].toDouble();
+    const bool need_input = ctx->needs_input_grad(0), need_weight = ctx->needs_input_grad(1);
+    const bool need_bias = ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2);
+    const Tensor& grad_output = grads[0];
+
+    Tensor grad_input, grad_weight, grad_pre, grad_bias;
+    if (torch::autograd::GradMode::is_enabled()) {  // create_graph=True: ATen ops, which autograd records
+      grad_pre = at::where(saved > 0, grad_output, grad_output * negative_slope);
+      grad_bias = grad_pre.reshape({-1, weight.size(0)}).sum(0);
+    } else if (need_input && need_weight) {  // the common case: one op
+      std::tie(grad_input, grad_weight, grad_bias) =
+          linear_leaky_relu_backward(grad_output, input, weight, saved, negative_slope);
+      return {grad_input, grad_weight, need_bias ? grad_bias : Tensor(), Tensor()};
+    } else {
+      std::tie(grad_pre, grad_bias) = leaky_relu_backward_bias(grad_output, saved, negative_slope);
+    }
+    if (grad_pre.dim() != 2) grad_pre = grad_pre.reshape({-1, weight.size(0)});
+    if (need_input) grad_input = at::mm(grad_pre, weight).view(input.sizes());
+    if (need_weight) grad_weight = at::mm(grad_pre.t(), input.dim() == 2 ? input : input.reshape({-1, weight.size(1)}));
+    return {grad_input, grad_weight, need_bias ? grad_bias : Tensor(), Tensor()};
+  }
+};
+
+Tensor linear_leaky_relu_autograd(const Tensor& input, const Tensor& weight, const OptTensor& bias,
+                                  double negative_slope) {
+  return LinearLeakyReLUFunction::apply(input, weight, bias, negative_slope);
+}
+
 #define FASTBN_EAGER(name) \
   m.def(#name, &name, pybind11::call_guard<pybind11::gil_scoped_release>(), \
         "torch.ops.fastbn." #name ", called through its typed handle")
@@ -82,6 +214,12 @@ void register_eager_calls(pybind11::module_& m) {
   FASTBN_EAGER(linear_leaky_relu);
   FASTBN_EAGER(leaky_relu_backward_bias);
   FASTBN_EAGER(linear_leaky_relu_backward);
+  m.def("batch_norm_autograd", &batch_norm_autograd, pybind11::call_guard<pybind11::gil_scoped_release>(),
+        "fastbn.ops.BatchNormFunction.apply as a C++ autograd node: the output of fastbn::batch_norm, with a "
+        "node that calls its backward ops");
+  m.def("linear_leaky_relu_autograd", &linear_leaky_relu_autograd,
+        pybind11::call_guard<pybind11::gil_scoped_release>(),
+        "fastbn.ops.LinearLeakyReLUFunction.apply as a C++ autograd node");
 }
 
 #undef FASTBN_EAGER

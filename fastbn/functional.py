@@ -2,8 +2,8 @@
 import torch
 from torch.autograd import forward_ad
 
-from fastbn.ops import (BatchNormFunction, BatchNormTransformFunction, LinearLeakyReLUFunction,
-                        LinearLeakyReLUTransformFunction, batch_norm_op, linear_leaky_relu_forward)
+from fastbn.ops import (BatchNormTransformFunction, LinearLeakyReLUTransformFunction, batch_norm_autograd,
+                        batch_norm_op, linear_leaky_relu_autograd, linear_leaky_relu_forward)
 
 
 def _in_transform():
@@ -55,7 +55,7 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     if _in_transform():
         return BatchNormTransformFunction.apply(*args)[0]
     if _records_graph(input, weight, bias):
-        return BatchNormFunction.apply(*args)
+        return batch_norm_autograd(*args)
     return batch_norm_op(*args)[0]
 
 
@@ -76,5 +76,5 @@ def linear_leaky_relu(input, weight, bias=None, negative_slope=0.01):
     if _in_transform():
         return LinearLeakyReLUTransformFunction.apply(input, weight, bias, negative_slope)[0]
     if _records_graph(input, weight, bias):
-        return LinearLeakyReLUFunction.apply(input, weight, bias, negative_slope)
+        return linear_leaky_relu_autograd(input, weight, bias, negative_slope)
     return linear_leaky_relu_forward(input, weight, bias, negative_slope)[0]

@@ -10,23 +10,27 @@ from fastbn import _C  # loads the schemas
 _ops = torch.ops.fastbn
 
 
-def _eager_or_torch_ops(name):
-    """fastbn::<name> as a function: through _C.eager's typed handle where nothing needs torch.ops
-    (~2-3 us less a call: csrc/eager_calls.cpp), else through torch.ops, which alone handles
+def _eager_first(name, eager, fallback):
+    """A function that calls `eager` (a binding of csrc/eager_calls.cpp) where nothing needs the
+    Python path, else `fallback`: torch.ops, or an autograd Function's apply, which alone handle
     torch.compile's tracing and __torch_function__ (tensor subclasses; modes such as
     `with torch.device(...)`). Below that choice the dispatch is the same."""
-    eager, op = getattr(_C.eager, name), getattr(_ops, name).default
 
     def call(*args):
         if not torch.compiler.is_compiling() and not torch._C._has_torch_function(args):
             try:
                 return eager(*args)
-            except TypeError:  # an argument pybind11 cannot convert: torch.ops names it in torch's words
+            except TypeError:  # an argument pybind11 cannot convert: the fallback names it in torch's words
                 pass
-        return op(*args)
+        return fallback(*args)
 
-    call.__name__ = call.__qualname__ = f"{name}_op"
+    call.__name__ = call.__qualname__ = name
     return call
+
+
+def _eager_or_torch_ops(name):
+    # fastbn::<name> through _C.eager's typed handle: ~2-3 us less a call than torch.ops
+    return _eager_first(f"{name}_op", getattr(_C.eager, name), getattr(_ops, name).default)
 
 
 # (what each returns: csrc/ops.cpp's schemas)
@@ -223,7 +227,13 @@ class BatchNormTransformFunction(torch.autograd.Function):
         return _batch_norm_jvp(ctx, input_t, weight_t, bias_t), None, None
 
 
+# BatchNormFunction.apply as a C++ autograd node (csrc/eager_calls.cpp: BatchNormFunction) for eager
+# steps: neither recording the node nor its backward enters Python (benchmarks/autograd_nodes.py).
+batch_norm_autograd = _eager_first("batch_norm_autograd", _C.eager.batch_norm_autograd, BatchNormFunction.apply)
+
+
 def _batch_norm_backward(ctx, grad_output):
+    # (csrc/eager_calls.cpp: BatchNormFunction::backward makes the same choices)
     input, weight, mean, invstd = ctx.saved_tensors
     need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
     if torch.is_grad_enabled():  # create_graph=True: the gradients must be differentiable too
@@ -355,7 +365,13 @@ class LinearLeakyReLUTransformFunction(torch.autograd.Function):
         return (out_t,) if ctx.negative_slope >= 0 else (out_t, None)
 
 
+# LinearLeakyReLUFunction.apply as a C++ autograd node (csrc/eager_calls.cpp) for eager steps
+linear_leaky_relu_autograd = _eager_first("linear_leaky_relu_autograd", _C.eager.linear_leaky_relu_autograd,
+                                          LinearLeakyReLUFunction.apply)
+
+
 def _linear_leaky_relu_backward(ctx, grad_output):
+    # (csrc/eager_calls.cpp: LinearLeakyReLUFunction::backward makes the same choices)
     input, weight, saved = ctx.saved_tensors
     need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
     if torch.is_grad_enabled():  # create_graph=True: the same maths in torch ops, so that it is recorded

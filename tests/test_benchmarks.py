@@ -129,3 +129,17 @@ def test_step_breakdown_rejects_a_bad_shape():
             step_breakdown.parse_shape(bad)
     with pytest.raises(SystemExit):  # argparse's error: channels_last needs 4D or 5D
         step_breakdown.main(["--shape", "8x16", "--channels-last"])
+
+
+def test_autograd_nodes_table_has_a_row_per_case_and_checks_the_gradients(monkeypatch):
+    from benchmarks import autograd_nodes
+
+    cases = [("bn", "bn", (8, 3, 2), "train"), ("linear first", "linear", (5, 4, 3), "params")]
+    lines = autograd_nodes.main(["--rounds", "1", "--min-run-time", "0.001"], cases=cases)
+    assert [line.split(" | ")[0].lstrip("| ") for line in lines[-2:]] == ["bn", "linear first"]
+    assert "commit" in lines[0] and "torch" in lines[0]
+    # a node whose gradients differ from the Function's is caught before anything is timed
+    monkeypatch.setattr(autograd_nodes._C.eager, "batch_norm_autograd",
+                        lambda *args: 2 * autograd_nodes.ops.BatchNormFunction.apply(*args))
+    with pytest.raises(AssertionError, match="bn: the node's gradients differ"):
+        autograd_nodes.measure(torch.device("cpu"), 1, 1, 0.001, cases[:1])

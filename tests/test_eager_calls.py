@@ -1,6 +1,8 @@
 """The typed entry points (fastbn._C.eager, csrc/eager_calls.cpp) that fastbn/ops.py calls instead of
 torch.ops where nothing needs torch.ops: the same results and the same dispatch, and torch.ops
-wherever __torch_function__ must see the call."""
+wherever __torch_function__ must see the call. Likewise the C++ autograd nodes that eager training
+steps record instead of the Python autograd Functions: the same bits, and the Functions wherever
+torch.compile or __torch_function__ needs them."""
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
@@ -119,3 +121,114 @@ def test_torch_function_modes_and_subclasses_see_the_ops():
 def test_an_argument_of_the_wrong_type_gets_torch_ops_message():
     with pytest.raises(RuntimeError, match=r"Expected a value of type 'Optional\[Tensor\]' for argument 'weight'"):
         fastbn.functional.batch_norm(torch.randn(4, 3), None, None, [1.0, 2.0, 3.0], None, training=True)
+
+
+# ---- the C++ autograd nodes (csrc/eager_calls.cpp) that eager training steps record -----------
+
+BN_NODE = "torch::autograd::CppNode<fastbn::BatchNormFunction>"
+LINEAR_NODE = "torch::autograd::CppNode<fastbn::LinearLeakyReLUFunction>"
+
+
+def _subsets(names):
+    return [[n for i, n in enumerate(names) if mask >> i & 1] for mask in range(1, 2 ** len(names))]
+
+
+def _node_against_function(node, function, make_args, create_graph):
+    """Run `node` and `function` (the autograd Function it stands for) on the same arguments, for
+    every subset of the differentiable ones asking for gradients: the same output, gradients and
+    in-place updates, to the bit; with create_graph, the same second derivatives too."""
+    tensors = make_args()
+    names = [i for i, t in enumerate(tensors[:3]) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    for wanted in _subsets(names):
+        results = []
+        for apply in (node, function):
+            args = [t.detach().clone().requires_grad_(i in wanted) if isinstance(t, torch.Tensor) else t
+                    for i, t in enumerate(make_args())]
+            out = apply(*args)
+            leaves = [args[i] for i in wanted]
+            dy = torch.linspace(-1, 1, out.numel(), dtype=out.dtype, device=out.device).view_as(out)
+            grads = torch.autograd.grad(out, leaves, dy, create_graph=create_graph)
+            recorded = [g.requires_grad for g in grads]
+            if create_graph and any(recorded):  # (a weight's gradient alone does not depend on it)
+                grads += torch.autograd.grad(sum(g.square().sum() for g in grads), leaves, allow_unused=True)
+            results.append((out, grads, recorded, [a for a in args if isinstance(a, torch.Tensor)]))
+        (out, grads, recorded, args), (out_f, grads_f, recorded_f, args_f) = results
+        assert torch.equal(out, out_f) and recorded == recorded_f, wanted
+        assert create_graph or not any(recorded), wanted
+        if create_graph and {0, 1} <= set(wanted):  # the input's gradient depends on the weight
+            assert recorded[0], wanted
+        for g, g_f in zip(grads, grads_f):
+            assert (g is None) == (g_f is None) and (g is None or torch.equal(g, g_f)), wanted
+        for a, a_f in zip(args, args_f):  # the running stats, updated in place alike
+            assert torch.equal(a.detach(), a_f.detach()), wanted
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("create_graph", [False, True])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("given", ["weight+bias", "weight", "bias", "none"])
+def test_batch_norm_node_gives_the_bits_of_the_python_function(device, given, training, create_graph):
+    gen = torch.Generator().manual_seed(1)
+    x, w, b = torch.randn(6, 4, 3, generator=gen), torch.rand(4, generator=gen) + 0.5, torch.randn(4, generator=gen)
+
+    def make_args():
+        return (x.to(device), w.to(device) if "weight" in given else None, b.to(device) if "bias" in given else None,
+                torch.zeros(4, device=device), torch.ones(4, device=device), training, 0.1, 1e-5)
+
+    _node_against_function(_C.eager.batch_norm_autograd, fastbn.ops.BatchNormFunction.apply, make_args, create_graph)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("create_graph", [False, True])
+@pytest.mark.parametrize("slope", [0.02, 0.0, 1.0, -0.3])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(6, 5), (2, 3, 5)])
+def test_linear_leaky_relu_node_gives_the_bits_of_the_python_function(device, shape, bias, slope, create_graph):
+    gen = torch.Generator().manual_seed(1)
+    x, w, b = torch.randn(shape, generator=gen), torch.randn(4, 5, generator=gen), torch.randn(4, generator=gen)
+
+    def make_args():
+        return (x.to(device), w.to(device), b.to(device) if bias else None, slope)
+
+    _node_against_function(_C.eager.linear_leaky_relu_autograd, fastbn.ops.LinearLeakyReLUFunction.apply,
+                           make_args, create_graph)
+
+
+def test_eager_steps_record_the_cpp_nodes_and_the_python_path_stays_where_needed():
+    x = torch.randn(6, 5, requires_grad=True)
+    bn, linear = fastbn.nn.BatchNorm1d(5), fastbn.nn.LinearLeakyReLU(5, 3)
+    assert bn(x).grad_fn.name() == BN_NODE and linear(x).grad_fn.name() == LINEAR_NODE
+    with _RecordFunction():  # __torch_function__ must see the call: the Python Functions
+        assert type(bn(x).grad_fn).__name__ == "BatchNormFunctionBackward"
+        assert type(linear(x).grad_fn).__name__ == "LinearLeakyReLUFunctionBackward"
+    from torch._dynamo.testing import AotEagerAndRecordGraphs
+
+    # torch.compile traces the Python Functions (a pybind11 call would break the graph)
+    backend = AotEagerAndRecordGraphs()
+    y = torch.compile(torch.nn.Sequential(linear, fastbn.nn.BatchNorm1d(3)), fullgraph=True, backend=backend)(x)
+    code = "\n".join(g.code for g in backend.fw_graphs)
+    assert "torch.ops.fastbn.linear_leaky_relu.default" in code and "torch.ops.fastbn.batch_norm.default" in code
+    assert y.grad_fn.name() not in (BN_NODE, LINEAR_NODE)
+
+
+def test_compiled_autograd_traces_the_cpp_nodes():
+    # The nodes declare is_traceable: compiled autograd (torch.compile of the backward) calls them
+    # from one graph (fullgraph) and gets eager's gradients.
+    from torch._dynamo import compiled_autograd
+
+    x = torch.randn(6, 5, requires_grad=True)
+    model = torch.nn.Sequential(fastbn.nn.LinearLeakyReLU(5, 4), fastbn.nn.BatchNorm1d(4))
+    eager = torch.autograd.grad(model(x).square().sum(), [x, *model.parameters()])
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm.code)
+        return gm
+
+    y = model(x)
+    assert y.grad_fn.name() == BN_NODE
+    with compiled_autograd._enable(torch.compile(backend=backend, fullgraph=True)):
+        y.square().sum().backward()
+    assert len(graphs) == 1 and "BatchNormFunction" in graphs[0] and "LinearLeakyReLUFunction" in graphs[0]
+    for p, g in zip([x, *model.parameters()], eager):
+        assert torch.equal(p.grad, g)
