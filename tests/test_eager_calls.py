@@ -232,3 +232,28 @@ def test_compiled_autograd_traces_the_cpp_nodes():
     assert len(graphs) == 1 and "BatchNormFunction" in graphs[0] and "LinearLeakyReLUFunction" in graphs[0]
     for p, g in zip([x, *model.parameters()], eager):
         assert torch.equal(p.grad, g)
+
+
+def test_the_cpp_nodes_honour_saved_tensor_hooks_and_checkpointing():
+    # torch.autograd.graph.saved_tensors_hooks (offloading, non-reentrant checkpointing) sees what
+    # the nodes save, as it sees what the Python Functions save.
+    x = torch.randn(6, 5, requires_grad=True)
+    model = torch.nn.Sequential(fastbn.nn.LinearLeakyReLU(5, 4), fastbn.nn.BatchNorm1d(4))
+    packed = []
+
+    def pack(t):
+        packed.append(t.shape)
+        return t.clone()
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = model(x)
+    # Linear: input, weight, output; BatchNorm: input, weight, mean, invstd
+    assert packed == [(6, 5), (4, 5), (6, 4), (6, 4), (4,), (4,), (4,)]
+    want = torch.autograd.grad(y.square().sum(), [x, *model.parameters()])
+
+    from torch.utils.checkpoint import checkpoint
+
+    y = checkpoint(model, x, use_reentrant=False)
+    assert y.grad_fn.name() == BN_NODE
+    for got, w in zip(torch.autograd.grad(y.square().sum(), [x, *model.parameters()]), want):
+        assert torch.equal(got, w)
