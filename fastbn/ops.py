@@ -1,8 +1,9 @@
 """torch.library glue for the ops declared in csrc/ops.cpp: the functions that call them (through
 the typed handles of csrc/eager_calls.cpp, or torch.ops); fake (meta) kernels, so that
 torch.compile and FakeTensor can trace them; vmap rules, so that torch.func.vmap batches them;
-and the autograd Functions that pair each forward op with its backward ops. Users call
-fastbn.functional / fastbn.nn, not this module."""
+and the autograd Functions that pair each forward op with its backward ops (eager training steps
+record their C++ twins, csrc/eager_calls.cpp, instead). Users call fastbn.functional / fastbn.nn,
+not this module."""
 import torch
 
 from fastbn import _C  # loads the schemas
