@@ -43,6 +43,12 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     stats are given, updates them in place with `momentum` (unbiased variance); eval uses the
     running stats. Accumulates in float32 for bfloat16/float16 inputs.
     """
+    return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+
+
+def _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked=None):
+    # batch_norm, and num_batches_tracked += 1 when a module gives its counter: within the op's call
+    # where the step records a graph (fastbn.ops.batch_norm_autograd), else beside it
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"batch_norm: expected input to be a Tensor, got {type(input).__name__}")
     momentum, eps = _as_float("batch_norm", "momentum", momentum), _as_float("batch_norm", "eps", eps)
@@ -52,10 +58,13 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
                            "updated in place in training, not differentiated); got requires_grad="
                            f"{_requires_grad(running_mean)} and {_requires_grad(running_var)}")
     args = (input, weight, bias, running_mean, running_var, bool(training), momentum, eps)
-    if _in_transform():
+    in_transform = _in_transform()
+    if not in_transform and _records_graph(input, weight, bias):
+        return batch_norm_autograd(*args, num_batches_tracked)
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+    if in_transform:
         return BatchNormTransformFunction.apply(*args)[0]
-    if _records_graph(input, weight, bias):
-        return batch_norm_autograd(*args)
     return batch_norm_op(*args)[0]
 
 

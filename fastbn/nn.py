@@ -21,19 +21,21 @@ class _BatchNormForward:
         params, buffers = self._parameters, self._buffers
         running_mean, running_var = _lookup(self, buffers, "running_mean"), _lookup(self, buffers, "running_var")
         factor = 0.0 if self.momentum is None else self.momentum
+        counter = None  # counted by the functional, in the op's own call where it can
         if self.training and self.track_running_stats:
-            num_batches_tracked = _lookup(self, buffers, "num_batches_tracked")
-            if num_batches_tracked is not None:
-                num_batches_tracked.add_(1)
-                if self.momentum is None:  # cumulative moving average
-                    factor = 1.0 / float(num_batches_tracked)
+            counter = _lookup(self, buffers, "num_batches_tracked")
+            if counter is not None and self.momentum is None:  # cumulative moving average: needs the new count
+                counter.add_(1)
+                factor = 1.0 / float(counter)
+                counter = None
         use_batch_stats = self.training or (running_mean is None and running_var is None)
         keep_running = not self.training or self.track_running_stats
-        return F.batch_norm(
+        return F._batch_norm(
             input,
             running_mean if keep_running else None,
             running_var if keep_running else None,
             _lookup(self, params, "weight"), _lookup(self, params, "bias"), use_batch_stats, factor, self.eps,
+            counter,
         )
 
 

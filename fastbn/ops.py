@@ -228,9 +228,18 @@ class BatchNormTransformFunction(torch.autograd.Function):
         return _batch_norm_jvp(ctx, input_t, weight_t, bias_t), None, None
 
 
+def _function_then_count(input, weight, bias, running_mean, running_var, training, momentum, eps,
+                         num_batches_tracked):
+    out = BatchNormFunction.apply(input, weight, bias, running_mean, running_var, training, momentum, eps)
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+    return out
+
+
 # BatchNormFunction.apply as a C++ autograd node (csrc/eager_calls.cpp: BatchNormFunction) for eager
 # steps: neither recording the node nor its backward enters Python (benchmarks/autograd_nodes.py).
-batch_norm_autograd = _eager_first("batch_norm_autograd", _C.eager.batch_norm_autograd, BatchNormFunction.apply)
+# A module's num_batches_tracked, when given, is counted in the same call.
+batch_norm_autograd = _eager_first("batch_norm_autograd", _C.eager.batch_norm_autograd, _function_then_count)
 
 
 def _batch_norm_backward(ctx, grad_output):

@@ -257,3 +257,45 @@ def test_the_cpp_nodes_honour_saved_tensor_hooks_and_checkpointing():
     assert y.grad_fn.name() == BN_NODE
     for got, w in zip(torch.autograd.grad(y.square().sum(), [x, *model.parameters()]), want):
         assert torch.equal(got, w)
+
+
+def test_modules_count_each_training_batch_once_on_every_path():
+    # num_batches_tracked counts every training forward once, as torch's modules do, whether the
+    # eager step counts it inside the C++ call (csrc/eager_calls.cpp: count_batch) or beside the op,
+    # and with the version bump of torch's add_.
+    x = torch.randn(6, 4, requires_grad=True)
+
+    def no_grad(m):
+        with torch.no_grad():
+            return m(x)
+
+    def function_mode(m):  # the Python Function's path
+        with _RecordFunction():
+            return m(x)
+
+    def dispatch_mode(m):  # the counter through add_, which the mode sees
+        with _RecordDispatch() as mode:
+            out = m(x)
+        assert any(name.startswith("aten.add_") for name in mode.seen)
+        return out
+
+    compiled = {}
+
+    def compile_(m):
+        if id(m) not in compiled:
+            compiled[id(m)] = torch.compile(m, backend="eager", fullgraph=True)
+        return compiled[id(m)](x)
+
+    for momentum in (0.1, None):
+        # (momentum=None reads the count as a float: fullgraph cannot trace that, for torch's module either)
+        steps = [lambda m: m(x), no_grad, function_mode, dispatch_mode, compile_ if momentum else no_grad,
+                 lambda m: m.eval()(x), lambda m: m.train()(x)]
+        ours, ref = fastbn.nn.BatchNorm1d(4, momentum=momentum), torch.nn.BatchNorm1d(4, momentum=momentum)
+        for i, step in enumerate(steps):
+            before = ours.num_batches_tracked._version, ref.num_batches_tracked._version
+            step(ours), step(ref)
+            assert ours.num_batches_tracked.item() == ref.num_batches_tracked.item(), (momentum, i)
+            assert ours.num_batches_tracked._version - before[0] == ref.num_batches_tracked._version - before[1]
+            torch.testing.assert_close(ours.running_mean, ref.running_mean)
+            torch.testing.assert_close(ours.running_var, ref.running_var)
+        assert ours.num_batches_tracked.item() == 6  # every step but eval
