@@ -47,8 +47,8 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
 
 
 def _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked=None):
-    # batch_norm, and num_batches_tracked += 1 when a module gives its counter: within the op's call
-    # where the step records a graph (fastbn.ops.batch_norm_autograd), else beside it
+    # batch_norm, and num_batches_tracked += 1 when a module gives its counter: within the C++ call
+    # where the step records a graph (fastbn.ops.batch_norm_autograd), else after the op
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"batch_norm: expected input to be a Tensor, got {type(input).__name__}")
     momentum, eps = _as_float("batch_norm", "momentum", momentum), _as_float("batch_norm", "eps", eps)
@@ -61,11 +61,10 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
     in_transform = _in_transform()
     if not in_transform and _records_graph(input, weight, bias):
         return batch_norm_autograd(*args, num_batches_tracked)
-    if num_batches_tracked is not None:
+    out = BatchNormTransformFunction.apply(*args)[0] if in_transform else batch_norm_op(*args)[0]
+    if num_batches_tracked is not None:  # (every path counts a batch once it is normalised)
         num_batches_tracked.add_(1)
-    if in_transform:
-        return BatchNormTransformFunction.apply(*args)[0]
-    return batch_norm_op(*args)[0]
+    return out
 
 
 def linear_leaky_relu(input, weight, bias=None, negative_slope=0.01):
