@@ -12,7 +12,7 @@
 # "--rounds 3 --min-run-time 0.05 --compile 0"), BENCH_LIMIT (s, default 240), MEMCHECK_TESTS
 # (the -k terms of the tests memcheck runs), NCU=0 skips the Nsight Compute look at the kernels,
 # RACECHECK=0 skips racecheck, TRAIN=0 skips the training runs, STEPS=0 skips the eager step
-# breakdowns.
+# breakdowns and the C++ nodes against the Python Functions.
 # BASE=DIR: a second tree to compare the kernels against in the same call (e.g. here
 # `mkdir .base && git archive REF | tar -x -C .base`, `.base` in .git/info/exclude, carried):
 # built beside this one, then its kernel profile goes to extra.log.
@@ -71,6 +71,9 @@ step "fused kernels against the split ones" profile.log 90 $PY -m benchmarks.fus
 for shape in $([ "${STEPS:-1}" = 1 ] && echo 32x256x8x8 200x1000); do
 step "step breakdown $shape (eager)" profile.log 60 $PY -m benchmarks.step_breakdown --device cuda --shape $shape --rounds 5 --min-run-time 0.05
 done
+if [ "${STEPS:-1}" = 1 ]; then  # the host time the C++ autograd nodes save against the Python Functions
+step "autograd nodes against Functions (eager)" profile.log 60 $PY -m benchmarks.autograd_nodes --device cuda --rounds 5 --min-run-time 0.05
+fi
 if [ "${NCU:-1}" = 1 ]; then  # why the split reductions read below copy bandwidth (stalls, occupancy)
 step "ncu: BatchNorm2d 128x64x32x32 fwd+bwd kernels" profile.log 120 \
   ncu --clock-control none --launch-skip 6 --launch-count 6 --kernel-name regex:"reduce|normalize|grad_input|finalize" \
