@@ -299,3 +299,24 @@ def test_modules_count_each_training_batch_once_on_every_path():
             torch.testing.assert_close(ours.running_mean, ref.running_mean)
             torch.testing.assert_close(ours.running_var, ref.running_var)
         assert ours.num_batches_tracked.item() == 6  # every step but eval
+
+
+@pytest.mark.parametrize("vectorize", [False, True])
+def test_jacobian_and_hessian_through_the_cpp_nodes_match_torch(vectorize):
+    # torch.autograd.functional differentiates the recorded nodes again (create_graph), batched
+    # over the outputs with vectorize=True; float64, against torch's BatchNorm.
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, dtype=torch.float64, generator=gen)
+    w, b = torch.rand(3, dtype=torch.float64, generator=gen) + 0.5, torch.randn(3, dtype=torch.float64, generator=gen)
+
+    def ours(x):
+        return fastbn.functional.batch_norm(x, None, None, w, b, training=True)
+
+    def ref(x):
+        return torch.nn.functional.batch_norm(x, None, None, w, b, training=True)
+
+    assert ours(x.requires_grad_()).grad_fn.name() == BN_NODE
+    jac, hess = torch.autograd.functional.jacobian, torch.autograd.functional.hessian
+    torch.testing.assert_close(jac(ours, x, vectorize=vectorize), jac(ref, x))
+    torch.testing.assert_close(hess(lambda x: ours(x).pow(3).sum(), x, vectorize=vectorize),
+                               hess(lambda x: ref(x).pow(3).sum(), x))
