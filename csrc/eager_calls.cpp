@@ -93,8 +93,8 @@ struct BatchNormFunction : torch::autograd::Function<BatchNormFunction> {
     ctx->save_for_backward({input, weight.value_or(Tensor()), mean, invstd});
     ctx->saved_data["training"] = training;
     ctx->saved_data["eps"] = eps;
-    // the edges of the tensors given, in order (an absent weight or bias has none)
-    ctx->saved_data["has_weight"] = weight.has_value() && weight->defined();
+    // the input edges are the tensors given, in order: an absent bias has none (nor an absent
+    // weight, which shows as the undefined saved weight)
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
     return out;
   }
@@ -104,7 +104,7 @@ struct BatchNormFunction : torch::autograd::Function<BatchNormFunction> {
     const Tensor &input = saved[0], &mean = saved[2], &invstd = saved[3];
     const OptTensor weight = saved[1].defined() ? OptTensor(saved[1]) : std::nullopt;
     const bool training = ctx->saved_data["training"].toBool();
-    const bool has_weight = ctx->saved_data["has_weight"].toBool();
+    const bool has_weight = weight.has_value();
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
     const bool need_input = ctx->needs_input_grad(0);
     const bool need_weight = has_weight && ctx->needs_input_grad(1);
